@@ -1,0 +1,3 @@
+from dqprof.cli import main
+
+main()

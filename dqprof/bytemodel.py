@@ -1,0 +1,91 @@
+"""The byte and FLOP model: what each GEMM path must move through HBM, in one place.
+
+Counts are the minimum each path's algorithm implies (every input read once, every output
+written once), so achieved TB/s over this count is a lower bound on the real traffic rate.
+Unfused paths also pay for the bf16 weight their dequantize kernel writes and the GEMM reads
+back (``intermediate``): that term is the byte-side of the dequantization tax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+BF16 = 2  # bytes per bf16 element
+GROUP = 128  # int4 group size of the Marlin and tinygemm paths
+NF4_BLOCK = 64  # bitsandbytes' 4-bit blocksize (its default, what vLLM uses)
+NF4_NESTED_BLOCK = 256  # blocks of absmax per nested (double-quant) statistic
+
+
+@dataclass(frozen=True)
+class Traffic:
+    weight: int = 0  # the stored weight as the kernel reads it (packed for 4-bit)
+    scales: int = 0  # scales, zero points, absmax incl. nested statistics and code tables
+    act_in: int = 0  # activations read (once per GEMM launch that reads them)
+    act_out: int = 0  # results written, and any copy of them into a fused output
+    intermediate: int = 0  # bf16 weight written by a dequantize kernel and read back
+
+    @property
+    def total(self) -> int:
+        return self.weight + self.scales + self.act_in + self.act_out + self.intermediate
+
+    def as_dict(self) -> dict[str, int]:
+        return {**asdict(self), "total": self.total}
+
+    def __add__(self, other: Traffic) -> Traffic:
+        return Traffic(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
+
+
+def astuple(t: Traffic) -> tuple[int, ...]:
+    return (t.weight, t.scales, t.act_in, t.act_out, t.intermediate)
+
+
+def gemm_flops(m: int, n: int, k: int) -> int:
+    return 2 * m * n * k
+
+
+def bf16_gemm(m: int, n: int, k: int) -> Traffic:
+    return Traffic(weight=BF16 * n * k, act_in=BF16 * m * k, act_out=BF16 * m * n)
+
+
+def nf4_stats(n: int, k: int, nested: bool = True) -> int:
+    """absmax bytes of one NF4 weight: uint8 + fp32 nested absmax + code tables, or fp32."""
+    blocks = -(-n * k // NF4_BLOCK)
+    if not nested:
+        return 4 * blocks + 16 * 4
+    nested_blocks = -(-blocks // NF4_NESTED_BLOCK)
+    # uint8 absmax, fp32 nested absmax, fp32 offset, two 256-entry fp32 code tables
+    return blocks + 4 * nested_blocks + 4 + 2 * 256 * 4
+
+
+def nf4_dequantize(n: int, k: int) -> Traffic:
+    """bitsandbytes' dequantize_4bit alone: read packed weight and stats, write bf16 weight."""
+    return Traffic(weight=n * k // 2, scales=nf4_stats(n, k), intermediate=BF16 * n * k)
+
+
+def bnb_nf4_shard(m: int, n: int, k: int, fused: bool) -> Traffic:
+    """One matmul_4bit call: the fused gemm_4bit kernel, or dequantize then bf16 GEMM."""
+    t = Traffic(weight=n * k // 2, scales=nf4_stats(n, k), act_in=BF16 * m * k,
+                act_out=BF16 * m * n)
+    if not fused:  # the dequantized weight is written, then read by the GEMM
+        t = Traffic(t.weight, t.scales, t.act_in, t.act_out, intermediate=2 * BF16 * n * k)
+    return t
+
+
+def bnb_nf4_layer(m: int, shards: tuple[int, ...], k: int, fused: bool) -> Traffic:
+    """vLLM's path: one matmul_4bit per shard, each result copied into a fresh fused output."""
+    total = Traffic()
+    for n in shards:
+        total = total + bnb_nf4_shard(m, n, k, fused)
+    # out[:, a:b] = result, for every layer (one shard too): read each result, write it again
+    return total + Traffic(act_out=2 * BF16 * m * sum(shards))
+
+
+def int4_grouped(m: int, n: int, k: int, zero_points: str | None) -> Traffic:
+    """Fused int4 GEMM with group-128 bf16 scales; zero points packed int4 or bf16 per group."""
+    groups = -(-k // GROUP)
+    scales = BF16 * groups * n
+    if zero_points == "int4":  # Marlin AWQ: packed 4-bit zero points
+        scales += groups * n // 2
+    elif zero_points == "bf16":  # tinygemm: scales_and_zeros interleaves bf16 zeros
+        scales += BF16 * groups * n
+    return Traffic(weight=n * k // 2, scales=scales, act_in=BF16 * m * k, act_out=BF16 * m * n)

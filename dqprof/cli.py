@@ -1,0 +1,188 @@
+"""The ``dqprof`` command: one thin command per verb; the work lives in the modules."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dqprof.errors import DqprofError
+
+app = typer.Typer(
+    help="Profile quantized GEMM paths (bf16, bitsandbytes NF4, Marlin int4, tinygemm, Triton) "
+         "on a model's linear shapes: time, NVML energy, kernels, bytes and roofline.\n\n"
+         "Start with `dqprof shapes`, measure with `dqprof bench`, explain with `dqprof report`.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console()
+err_console = Console(stderr=True)
+
+ModelOpt = Annotated[str, typer.Option("--model", help="Bundled model name (e.g. gemma-4-e4b), "
+                                       "a config.json path, or a folder holding config.json.")]
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise DqprofError(f"--m takes comma-separated integers (got '{text}')") from None
+
+
+@app.command()
+def shapes(model: ModelOpt = "gemma-4-e4b",
+           as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """The model's linear layers as vLLM executes them, with calls per token."""
+    from dqprof.models.config import load_config
+    from dqprof.models.shapes import linear_shapes
+
+    cfg = load_config(model)
+    rows = linear_shapes(cfg)
+    if as_json:
+        print(json.dumps([s.as_dict() for s in rows], indent=1))
+        return
+    t = Table(title=f"{cfg.name}: linear layers per token ({cfg.source})")
+    for col in ("layer", "group", "N (out)", "K (in)", "shards", "calls/token", "quantized"):
+        t.add_column(col, justify="right" if col[0] in "NKc" else "left")
+    for s in rows:
+        shards = " + ".join(f"{n}:{size}" for n, size in zip(s.shard_names, s.shards,
+                                                             strict=True)) if len(s.shards) > 1 else ""
+        calls = f"{s.calls_per_token}" + (" (per sequence in prefill)" if s.per_sequence else "")
+        t.add_row(s.name, s.group, str(s.n), str(s.k), shards, calls, "yes" if s.quantized else "bf16")
+    console.print(t)
+    params = sum(s.n * s.k * s.calls_per_token for s in rows)
+    console.print(f"linear weights read per decode step: {params / 1e9:.2f} G parameters")
+
+
+def _default_run_dir(device: str) -> Path:
+    label = "cpu"
+    if device == "cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            label = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{label}"
+
+
+@app.command()
+def bench(
+    model: ModelOpt = "gemma-4-e4b",
+    shapes: Annotated[str | None, typer.Option(help="Only these shapes: comma-separated names "
+                                               "or groups (e.g. gate_up,attn.o).")] = None,
+    m: Annotated[str | None, typer.Option("--m", help="Token counts M, comma-separated. Default: "
+                                          "1,2,4,...,4096.")] = None,
+    backends: Annotated[str | None, typer.Option(help="Backends, comma-separated; options in "
+                                                 "brackets: marlin-gptq[use_fp32_reduce=false]. "
+                                                 "Default: all (see `dqprof backends`).")] = None,
+    device: Annotated[str, typer.Option(help="cuda, or cpu for a timing-only run of the "
+                                           "CPU-capable backends.")] = "cuda",
+    quick: Annotated[bool, typer.Option(help="M = 1,16,256,2048, 5 repeats, 0.5 s energy "
+                                        "windows.")] = False,
+    hot: Annotated[bool, typer.Option(help="One weight copy (L2-resident) instead of rotating "
+                                      "copies past L2.")] = False,
+    repeats: Annotated[int | None, typer.Option(help="Timing samples per point.")] = None,
+    window: Annotated[float | None, typer.Option(help="Energy window per point, seconds.")] = None,
+    l2_factor: Annotated[float, typer.Option(help="Rotated weight copies span this many "
+                                             "times the L2 size.")] = 3.0,
+    no_energy: Annotated[bool, typer.Option("--no-energy", help="Skip NVML energy.")] = False,
+    no_attribution: Annotated[bool, typer.Option("--no-attribution",
+                                                 help="Skip the per-kernel profile.")] = False,
+    suite: Annotated[Path | None, typer.Option(help="A suite file (TOML) setting model, shapes, "
+                                               "M, backends and method; flags override it.")] = None,
+    shard: Annotated[str, typer.Option(help="Run part i of n of the plan (i/n), e.g. one "
+                                       "process per GPU; join with `dqprof merge`.")] = "1/1",
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Run folder. Default: "
+                                             "runs/<time>-<gpu>/.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run folder: recorded "
+                                         "points are kept, the rest measured.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+) -> None:
+    """Measure every shape x M x backend: time, energy, kernels, bytes (writes a run folder)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dqprof.sweep import QUICK_M, Sweep, SweepConfig, load_suite, parse_shard
+
+    cfg = SweepConfig(model=model, device=device, hot=hot, l2_factor=l2_factor, seed=seed,
+                      energy=not no_energy, attribution=not no_attribution, shard=parse_shard(shard))
+    if quick:
+        cfg.m, cfg.repeats, cfg.window_s = QUICK_M, 5, 0.5
+    if suite is not None:
+        cfg = load_suite(suite, cfg)
+    # explicit flags win over the suite and --quick
+    if m is not None:
+        cfg.m = _ints(m)
+    for name, value in (("shapes", shapes), ("backends", backends), ("repeats", repeats),
+                        ("window_s", window)):
+        if value is not None:
+            setattr(cfg, name, value)
+    if model != "gemma-4-e4b" or suite is None:
+        cfg.model = model if suite is None or model != "gemma-4-e4b" else cfg.model
+    run_dir = out or _default_run_dir(device)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err_console, transient=False) as bar:
+        task = bar.add_task("planning", total=None)
+
+        def progress(done: int, total: int, label: str) -> None:
+            bar.update(task, completed=done, total=total, description=label[:48].ljust(48))
+
+        sweep = Sweep(cfg, run_dir, resume=resume, progress=progress)
+        counts = sweep.run()
+    for w in sweep.warnings:
+        err_console.print(f"[yellow]warning:[/] {w}")
+    console.print(f"{run_dir}: {counts['ok']} ok, {counts['skipped']} skipped, "
+                  f"{counts['failed']} failed, {counts['resumed']} already recorded")
+
+
+@app.command()
+def backends() -> None:
+    """The registered GEMM paths, their options and whether they can run here."""
+    import torch
+
+    from dqprof.kernels import backend_names, create
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t = Table(title=f"backends (availability on {device})")
+    for col in ("name", "what it runs", "options", "here"):
+        t.add_column(col)
+    for name in backend_names():
+        b = create(name)
+        opts = ", ".join(f"{k}={v}" for k, v in b.options.items())
+        t.add_row(name, b.description, opts, b.unavailable(device) or "ok")
+    console.print(t)
+
+
+@app.command()
+def env() -> None:
+    """GPU, driver, clocks, power limit, NVML energy support and library versions."""
+    import torch
+
+    from dqprof.measure.environment import environment
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    info = environment(device)
+    if device == "cuda":
+        from dqprof.measure.nvml import open_nvml
+
+        nvml, why = open_nvml(0)
+        info["nvml"] = {**nvml.static_info(), "state": nvml.state()} if nvml else {"error": why}
+    else:
+        info["note"] = ("no CUDA GPU: `dqprof bench --device cpu` runs a timing-only sweep; "
+                        "`dqprof report` reads the committed H200 profile")
+    print(json.dumps(info, indent=1, default=str))
+
+
+# -- commands defined in other modules register here, one line each --------------------
+
+
+def main() -> None:
+    try:
+        app()
+    except DqprofError as e:
+        err_console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)

@@ -1,0 +1,59 @@
+"""Which kernels a call launched and their device time, grouped into categories.
+
+CUPTI through torch.profiler, on eager calls (graph replays hide per-kernel records on some
+CUPTI versions); device times of kernels do not depend on how they were launched.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+CATEGORIES = ("dequant", "gemm", "cast/copy", "other")
+_RULES = (
+    ("dequant", re.compile(r"dequant", re.I)),
+    ("gemm", re.compile(r"gemm|gemv|nvjet|xmma|cutlass|marlin|tinygemm|int4pack|matmul|wgmma|"
+                        r"splitK|sm\d\d_|ampere_|hopper_|nf4_mm", re.I)),
+    ("cast/copy", re.compile(r"copy|memcpy|memset|cast|fill|elementwise", re.I)),
+)
+
+
+def categorize(kernel_name: str) -> str:
+    for category, pattern in _RULES:
+        if pattern.search(kernel_name):
+            return category
+    return "other"
+
+
+def attribute(fns: list[Callable[[], object]], rounds: int = 2) -> list[dict]:
+    """Kernels per call: [{name, category, time_s, count}], times and counts per call."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for fn in fns:  # first-call work (autotuning, lazy init) stays out of the profile
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(rounds):
+            for fn in fns:
+                fn()
+        torch.cuda.synchronize()
+    calls = rounds * len(fns)
+    kernels = []
+    for ev in prof.key_averages():
+        dev_us = getattr(ev, "self_device_time_total", None)
+        if dev_us is None:
+            dev_us = getattr(ev, "self_cuda_time_total", 0)
+        if not dev_us or str(getattr(ev, "device_type", "")).split(".")[-1] != "CUDA":
+            continue
+        kernels.append({"name": ev.key[:200], "category": categorize(ev.key),
+                        "time_s": dev_us / 1e6 / calls, "count": ev.count / calls})
+    return sorted(kernels, key=lambda k: -k["time_s"])
+
+
+def by_category(kernels: list[dict]) -> dict[str, float]:
+    """Device seconds per call in each category (all categories present)."""
+    out = dict.fromkeys(CATEGORIES, 0.0)
+    for k in kernels:
+        out[k["category"]] += k["time_s"]
+    return out

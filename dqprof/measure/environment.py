@@ -1,0 +1,65 @@
+"""What a run ran on: GPU, driver, library versions, git commit."""
+
+from __future__ import annotations
+
+import platform
+import socket
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("torch", "bitsandbytes", "triton", "vllm", "transformers", "nvidia-ml-py", "numpy",
+            "dqprof")
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit() -> dict[str, Any]:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--",
+                                "dqprof"], capture_output=True, text=True, timeout=5).stdout
+        return {"commit": sha or None, "dirty": bool(dirty.strip()) if sha else None}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def gpu_info(device_index: int = 0) -> dict[str, Any]:
+    import torch
+
+    p = torch.cuda.get_device_properties(device_index)
+    return {
+        "name": p.name,
+        "capability": f"{p.major}.{p.minor}",
+        "sms": p.multi_processor_count,
+        "memory_bytes": p.total_memory,
+        "l2_bytes": getattr(p, "L2_cache_size", None),
+        "cuda_runtime": torch.version.cuda,
+    }
+
+
+def environment(device: str) -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions(),
+        "git": git_commit(),
+        "device": device,
+    }
+    if device == "cuda":
+        env["gpu"] = gpu_info()
+    else:
+        env["cpu"] = {"processor": platform.processor() or platform.machine()}
+    return env

@@ -1,0 +1,120 @@
+"""Time one GEMM call: a CUDA graph over rotated weight copies, replayed many times.
+
+The graph holds one call per weight copy, so consecutive calls never hit the weights the
+previous call left in L2 (``hot`` mode holds one copy called repeatedly). Replays remove
+launch gaps, which matter at decode sizes where a call lasts a few microseconds. Where capture
+fails (a path that syncs or allocates on the host), calls run eagerly and the record says so.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+MIN_SAMPLE_S = 2e-3  # one timing sample spans at least this much device time
+
+
+@dataclass
+class TimeStats:
+    median_s: float  # per call
+    min_s: float
+    max_s: float
+    q1_s: float
+    q3_s: float
+    samples: int
+    calls_per_sample: int
+
+    @property
+    def rel_spread(self) -> float:
+        """Interquartile range over the median: the noise band the regression gate uses."""
+        return (self.q3_s - self.q1_s) / self.median_s if self.median_s else 0.0
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "rel_spread": self.rel_spread}
+
+
+def summarize(per_call: list[float], calls_per_sample: int) -> TimeStats:
+    qs = statistics.quantiles(per_call, n=4) if len(per_call) > 1 else [per_call[0]] * 3
+    return TimeStats(statistics.median(per_call), min(per_call), max(per_call), qs[0], qs[2],
+                     len(per_call), calls_per_sample)
+
+
+class Replay:
+    """Runs all rotated calls once per ``__call__``; ``calls`` says how many that is."""
+
+    def __init__(self, fns: list[Callable[[], object]], device: str, use_graph: bool = True):
+        self.fns = fns
+        self.calls = len(fns)
+        self.device = device
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph_error: str | None = None
+        if device == "cuda" and use_graph:
+            self._capture()
+
+    def _capture(self) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(stream):  # warm-up outside capture (allocator, handles)
+                for fn in self.fns:
+                    fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._outputs = [fn() for fn in self.fns]  # keep outputs alive with the graph
+            self.graph = graph
+        except Exception as e:  # not capturable: fall back to eager launches
+            self.graph_error = f"{type(e).__name__}: {e}"[:300]
+            torch.cuda.synchronize()
+
+    def __call__(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            for fn in self.fns:
+                fn()
+
+    def sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+
+def time_replay(replay: Replay, repeats: int, warmup: int = 3) -> TimeStats:
+    """Median per-call time over ``repeats`` samples, each long enough to time reliably."""
+    for _ in range(warmup):
+        replay()
+    replay.sync()
+    # size a sample: replays needed for MIN_SAMPLE_S
+    t0 = _now(replay)
+    replay()
+    one = _elapsed(replay, t0)
+    per_sample = max(1, int(MIN_SAMPLE_S / max(one, 1e-7)))
+    per_call = []
+    for _ in range(repeats):
+        t0 = _now(replay)
+        for _ in range(per_sample):
+            replay()
+        per_call.append(_elapsed(replay, t0) / (per_sample * replay.calls))
+    return summarize(per_call, per_sample * replay.calls)
+
+
+def _now(replay: Replay) -> object:
+    if replay.device == "cuda":
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+    return time.perf_counter()
+
+
+def _elapsed(replay: Replay, start: object) -> float:
+    if replay.device == "cuda":
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3  # type: ignore[union-attr]
+    return time.perf_counter() - start  # type: ignore[operator]

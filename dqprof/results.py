@@ -1,0 +1,139 @@
+"""Run folders: run.json (the environment) and kernels.jsonl (one record per measured point).
+
+Records are appended and flushed (and fsynced) as each point finishes, so a killed sweep loses
+at most the point in flight; ``load_records`` drops a torn last line and names the file and
+line of any other unreadable one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from dqprof.errors import DqprofError
+
+SCHEMA_VERSION = 1
+RUN_FILE = "run.json"
+KERNELS_FILE = "kernels.jsonl"
+STATUSES = ("ok", "skipped", "failed")
+REQUIRED = ("schema", "key", "model", "layer", "n", "k", "m", "backend", "variant", "status")
+
+
+def point_key(model: str, layer: str, m: int, backend: str, variant: str = "") -> str:
+    """The identity of a point: what resume, merge and regress match on."""
+    return f"{model}|{layer}|m={m}|{backend}|{variant}"
+
+
+def kernels_path(run_dir: Path) -> Path:
+    return Path(run_dir) / KERNELS_FILE
+
+
+def read_run(run_dir: Path) -> dict[str, Any]:
+    p = Path(run_dir) / RUN_FILE
+    if not p.exists():
+        return {}
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise DqprofError(f"{p}: not valid JSON ({e})") from e
+
+
+def write_run(run_dir: Path, info: dict[str, Any]) -> None:
+    p = Path(run_dir) / RUN_FILE
+    tmp = p.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(info, indent=1, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, p)  # atomic: a crash never leaves half a run.json
+
+
+class RecordWriter:
+    """Appends records, one line each, durable before the next point starts."""
+
+    def __init__(self, run_dir: Path):
+        self.path = kernels_path(run_dir)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _drop_torn_tail(self.path)
+        self._f = self.path.open("a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(record, sort_keys=True, default=_json_default) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> RecordWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    return str(o)
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """A kill mid-write can leave a last line without its newline: cut it off."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if data.endswith(b"\n"):
+        return
+    cut = data.rfind(b"\n") + 1
+    with path.open("r+b") as f:
+        f.truncate(cut)
+
+
+def load_records(path: Path, allow_torn_tail: bool = True) -> list[dict[str, Any]]:
+    """Every record of a kernels.jsonl (or a run folder), validated."""
+    path = Path(path)
+    if path.is_dir():
+        path = kernels_path(path)
+    if not path.exists():
+        raise DqprofError(f"{path}: no such results file")
+    lines = path.read_text().split("\n")
+    torn_tail = lines[-1] != ""
+    records = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) and torn_tail and allow_torn_tail:
+                break  # the point in flight when a sweep was killed; it will be redone
+            raise DqprofError(f"{path}:{i}: corrupt record ({e.msg})") from e
+        problem = validate(rec)
+        if problem:
+            raise DqprofError(f"{path}:{i}: {problem}")
+        records.append(rec)
+    return records
+
+
+def validate(rec: Any) -> str | None:
+    if not isinstance(rec, dict):
+        return "record is not a JSON object"
+    missing = [f for f in REQUIRED if f not in rec]
+    if missing:
+        return f"record lacks {', '.join(missing)}"
+    if rec["schema"] != SCHEMA_VERSION:
+        return (f"schema version {rec['schema']} (this dqprof reads {SCHEMA_VERSION}); "
+                f"use the dqprof release that wrote it")
+    if rec["status"] not in STATUSES:
+        return f"unknown status '{rec['status']}'"
+    return None
+
+
+def to_frame(records: list[dict[str, Any]]):
+    """Records as a flat pandas DataFrame (nested dicts become dotted columns)."""
+    import pandas as pd
+
+    flat = [{k: v for k, v in r.items() if k != "kernels"} for r in records]
+    df = pd.json_normalize(flat)
+    df["kernels"] = [r.get("kernels") for r in records]
+    return df

@@ -1,0 +1,357 @@
+"""Plan and run a sweep: every shape x backend x M, measured and recorded point by point.
+
+Points are grouped by (shape, backend) so a weight is quantized and rotated copies are made
+once per group, then every M reuses them. A run folder can be resumed: points whose key is
+already recorded (any status) are not redone.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from dqprof.errors import DqprofError
+from dqprof.kernels import Backend, parse_backends
+from dqprof.models.config import load_config
+from dqprof.models.shapes import LinearShape, linear_shapes, select_shapes
+from dqprof.results import (
+    SCHEMA_VERSION,
+    RecordWriter,
+    kernels_path,
+    load_records,
+    point_key,
+    read_run,
+    write_run,
+)
+
+DEFAULT_M = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+QUICK_M = (1, 16, 256, 2048)
+DEFAULT_MODEL = "gemma-4-e4b"
+CPU_CACHE_BYTES = 32 << 20  # rotation target on CPU, where no L2 size is read
+MAX_COPIES = 2048
+REL_TOL = 2e-2  # bf16 output of a bf16-input GEMM lands near 4e-3; a wrong kernel lands near 1
+SUITE_KEYS = {"model", "shapes", "m", "backends", "repeats", "window_s", "l2_factor", "hot",
+              "energy", "attribution", "seed", "description"}
+
+
+@dataclass
+class SweepConfig:
+    model: str = DEFAULT_MODEL
+    shapes: str | None = None  # filter: comma-separated names or groups
+    m: tuple[int, ...] = DEFAULT_M
+    backends: str | None = None  # comma-separated specs; None: every registered backend
+    device: str = "cuda"
+    hot: bool = False  # one weight copy: the L2-resident case
+    repeats: int = 15
+    window_s: float = 1.0
+    l2_factor: float = 3.0  # rotated copies hold this many times the L2 size
+    energy: bool = True
+    attribution: bool = True
+    seed: int = 0
+    shard: tuple[int, int] = (1, 1)  # (i, n): this process runs group i of every n
+    suite: dict[str, Any] | None = None  # the suite file's content, recorded in run.json
+    description: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["m"] = list(self.m)
+        d["shard"] = f"{self.shard[0]}/{self.shard[1]}"
+        return d
+
+
+def load_suite(path: Path, base: SweepConfig) -> SweepConfig:
+    """A suite file (TOML) sets the sweep's model, shapes, M, backends and method."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise DqprofError(f"cannot read suite {path}: {e}") from e
+    unknown = set(data) - SUITE_KEYS
+    if unknown:
+        raise DqprofError(f"suite {path}: unknown keys {', '.join(sorted(unknown))}")
+    cfg = replace(base, suite={"path": str(path), **data})
+    for key, value in data.items():
+        if key == "m":
+            value = tuple(int(v) for v in value)
+        elif key in ("shapes", "backends") and isinstance(value, list):
+            value = ",".join(value)
+        setattr(cfg, key, value)
+    return cfg
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(p) for p in text.split("/"))
+    except ValueError:
+        raise DqprofError(f"--shard takes i/n, e.g. 2/4 (got '{text}')") from None
+    if not 1 <= i <= n:
+        raise DqprofError(f"--shard {text}: need 1 <= i <= n")
+    return i, n
+
+
+@dataclass
+class Group:
+    shape: LinearShape
+    backend: Backend
+    ms: tuple[int, ...]
+    variant: str
+    keys: list[str] = field(default_factory=list)
+
+
+def plan(cfg: SweepConfig) -> tuple[str, list[Group]]:
+    """(model name, the groups this shard runs), in a deterministic order."""
+    model_cfg = load_config(cfg.model)
+    shapes = select_shapes(linear_shapes(model_cfg), cfg.shapes)
+    backends = parse_backends(cfg.backends)
+    if any(m < 1 for m in cfg.m):
+        raise DqprofError("M values must be positive")
+    groups = []
+    for shape in shapes:
+        for backend in backends:
+            ms = (0,) if backend.m_independent else tuple(sorted(set(cfg.m)))
+            variant = ",".join(v for v in (backend.variant, "hot" if cfg.hot else "") if v)
+            g = Group(shape, backend, ms, variant)
+            g.keys = [point_key(model_cfg.name, shape.name, m, backend.name, variant) for m in ms]
+            groups.append(g)
+    i, n = cfg.shard
+    return model_cfg.name, groups[i - 1::n]
+
+
+def rel_error(out: Any, expected: Any) -> float:
+    import torch
+
+    if isinstance(out, tuple | list):
+        out = torch.cat([o.reshape(-1) for o in out])
+    out, expected = out.float().reshape(-1), expected.float().reshape(-1).to(out.device)
+    if out.numel() != expected.numel():
+        return math.inf
+    if not torch.isfinite(out).all():
+        return math.nan
+    return float((out - expected).norm() / expected.norm().clamp(min=1e-30))
+
+
+class Sweep:
+    """One sweep into one run folder."""
+
+    def __init__(self, cfg: SweepConfig, run_dir: Path, resume: bool = False,
+                 progress: Callable[[int, int, str], None] | None = None):
+        self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
+        self.progress = progress or (lambda done, total, label: None)
+        self.model, self.groups = plan(cfg)
+        self.warnings: list[str] = []
+        self.nvml = None
+        self.idle_power_w: float | None = None
+        self.power_limit_w: float | None = None
+        self.l2_bytes = CPU_CACHE_BYTES
+
+    # -- setup -----------------------------------------------------------------------
+    def _check_device(self) -> None:
+        import torch
+
+        if self.cfg.device == "cuda" and not torch.cuda.is_available():
+            raise DqprofError("no CUDA GPU here: use --device cpu for a timing-only run, or "
+                              "read the committed profile with `dqprof report`", exit_code=3)
+        if self.cfg.device not in ("cuda", "cpu"):
+            raise DqprofError(f"--device must be cuda or cpu (got '{self.cfg.device}')")
+
+    def _done_keys(self) -> set[str]:
+        path = kernels_path(self.run_dir)
+        if not path.exists():
+            return set()
+        if not self.resume:
+            raise DqprofError(f"{self.run_dir} already holds results: pass --resume to "
+                              f"continue it, or choose another -o")
+        return {r["key"] for r in load_records(path)}
+
+    def _setup(self) -> dict[str, Any]:
+        from dqprof.measure.environment import environment
+
+        self._check_device()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        info = read_run(self.run_dir) if self.resume else {}
+        env = environment(self.cfg.device)
+        session: dict[str, Any] = {"started": _now(), "config": self.cfg.as_dict(),
+                                   "environment": env}
+        if self.cfg.device == "cuda":
+            self._setup_gpu(env, session)
+        info.setdefault("schema", SCHEMA_VERSION)
+        info.setdefault("kind", "kernels")
+        info.setdefault("model", self.model)
+        info.setdefault("created", session["started"])
+        # the first session's environment and ceilings describe the run; each session is kept
+        for key in ("environment", "ceilings", "idle_power_w", "config"):
+            if key in session and key not in info:
+                info[key] = session[key]
+        info.setdefault("sessions", []).append(session)
+        write_run(self.run_dir, info)
+        return info
+
+    def _setup_gpu(self, env: dict[str, Any], session: dict[str, Any]) -> None:
+        from dqprof.measure.ceilings import measure_ceilings
+        from dqprof.measure.energy import measure_idle
+        from dqprof.measure.nvml import open_nvml
+
+        self.l2_bytes = env["gpu"]["l2_bytes"] or 50 << 20
+        nvml, why = open_nvml(0)
+        if nvml is not None:
+            env["gpu"].update(nvml.static_info())
+            self.power_limit_w = env["gpu"].get("power_limit_w")
+        if self.cfg.energy and (nvml is None or not nvml.energy_supported):
+            why = why or "this GPU's NVML has no total-energy counter"
+            self.warnings.append(f"energy not measured: {why}; records are time-only")
+        self.nvml = nvml
+        if self.cfg.energy and nvml is not None and nvml.energy_supported:
+            self.idle_power_w = measure_idle(nvml)
+            session["idle_power_w"] = self.idle_power_w
+        session["ceilings"] = measure_ceilings()
+        session["gpu_state_start"] = nvml.state() if nvml else None
+
+    # -- the loop ------------------------------------------------------------------------
+    def run(self) -> dict[str, int]:
+        done = self._done_keys()
+        info = self._setup()
+        ceilings = info.get("ceilings") or {}
+        total = sum(len(g.keys) for g in self.groups)
+        counts = {"ok": 0, "skipped": 0, "failed": 0, "resumed": 0}
+        finished = 0
+        t_start = time.perf_counter()
+        with RecordWriter(self.run_dir) as writer:
+            for g in self.groups:
+                todo = [(m, key) for m, key in zip(g.ms, g.keys, strict=True) if key not in done]
+                counts["resumed"] += len(g.ms) - len(todo)
+                finished += len(g.ms) - len(todo)
+                if not todo:
+                    continue
+                for rec in self._run_group(g, todo, ceilings):
+                    writer.write(rec)
+                    counts[rec["status"]] += 1
+                    finished += 1
+                    self.progress(finished, total, f"{g.shape.name} {rec['backend']} m={rec['m']}")
+        info = read_run(self.run_dir)
+        info["sessions"][-1].update(finished=_now(), wall_s=time.perf_counter() - t_start,
+                                    counts=counts, warnings=self.warnings)
+        write_run(self.run_dir, info)
+        return counts
+
+    def _base(self, g: Group, m: int, key: str) -> dict[str, Any]:
+        s = g.shape
+        return {"schema": SCHEMA_VERSION, "kind": "kernel", "key": key, "model": self.model,
+                "layer": s.name, "group": s.group, "n": s.n, "k": s.k, "shards": list(s.shards),
+                "calls_per_token": s.calls_per_token, "per_sequence": s.per_sequence,
+                "m": m, "backend": g.backend.name, "variant": g.variant, "dtype": "bfloat16",
+                "device": self.cfg.device, "time_utc": _now()}
+
+    def _run_group(self, g: Group, todo: list[tuple[int, str]], ceilings: dict[str, float]):
+        import torch
+
+        reason = g.backend.unavailable(self.cfg.device) or g.backend.supports(g.shape)
+        if reason:
+            for m, key in todo:
+                yield {**self._base(g, m, key), "status": "skipped", "reason": reason}
+            return
+        dev = self.cfg.device
+        try:
+            gen = torch.Generator(device="cpu").manual_seed(self.cfg.seed)
+            weight = (torch.randn(g.shape.n, g.shape.k, generator=gen) * 0.02).to(dev, torch.bfloat16)
+            states = [g.backend.prepare(weight, g.shape)]
+            del weight
+            copies = self._copies(g)
+            states += [g.backend.clone(states[0]) for _ in range(copies - 1)]
+        except Exception as e:  # quantize/pack failed: every point of the group fails
+            for m, key in todo:
+                yield {**self._base(g, m, key), "status": "failed", "reason": _err(e)}
+            self._free()
+            return
+        for m, key in todo:
+            base = self._base(g, m, key)
+            try:
+                yield {**base, **self._measure(g, states, m, ceilings)}
+            except Exception as e:  # one bad point does not stop the sweep
+                yield {**base, "status": "failed", "reason": _err(e)}
+        del states
+        self._free()
+
+    def _copies(self, g: Group) -> int:
+        if self.cfg.hot:
+            return 1
+        target = self.cfg.l2_factor * self.l2_bytes
+        return int(min(MAX_COPIES, max(1, math.ceil(target / g.backend.resident_bytes(g.shape)))))
+
+    def _free(self) -> None:
+        import gc
+
+        import torch
+
+        gc.collect()
+        if self.cfg.device == "cuda":
+            torch.cuda.empty_cache()
+
+    def _measure(self, g: Group, states: list, m: int, ceilings: dict[str, float]
+                 ) -> dict[str, Any]:
+        import torch
+
+        from dqprof.measure.timing import Replay, time_replay
+
+        dev, backend, shape = self.cfg.device, g.backend, g.shape
+        rows = max(m, 1)
+        # correctness first, on fresh inputs; a wrong path is recorded failed and never timed
+        x_check = torch.randn(rows, shape.k, device=dev, dtype=torch.bfloat16)
+        err = rel_error(backend(states[0], x_check), backend.expected(states[0], x_check))
+        if not err <= REL_TOL:  # NaN fails too
+            return {"status": "failed", "rel_err": err if math.isfinite(err) else None,
+                    "reason": f"output differs from the fp32 reference: rel err {err:.3g} > "
+                              f"{REL_TOL}"}
+        x = torch.randn(rows, shape.k, device=dev, dtype=torch.bfloat16)
+        fns = [lambda s=s: backend(s, x) for s in states]
+        replay = Replay(fns, dev)
+        t = time_replay(replay, self.cfg.repeats)
+        kernels = None
+        if dev == "cuda" and self.cfg.attribution:
+            from dqprof.measure.attribution import attribute
+
+            kernels = attribute(fns[: min(4, len(fns))])
+        energy, state = None, None
+        if self.nvml is not None:
+            if self.cfg.energy and self.nvml.energy_supported:
+                from dqprof.measure.energy import measure_energy
+
+                energy = measure_energy(replay, self.nvml, t.median_s, self.cfg.window_s,
+                                        self.idle_power_w, self.power_limit_w).as_dict()
+            state = self.nvml.state()  # right after the busy window: throttling shows here
+        traffic = backend.traffic(shape, m, kernels)
+        flops = backend.flops(shape, m)
+        bw, fl = traffic.total / t.median_s, flops / t.median_s
+        timing = "cpu" if dev == "cpu" else ("cuda-graph" if replay.graph else "eager")
+        graph_error = replay.graph_error
+        del replay, fns
+        return {
+            "status": "ok", "reason": None, "rel_err": err,
+            "method": {"timing": timing, "graph_error": graph_error,
+                       "rotation": len(states),
+                       "rotation_bytes": len(states) * backend.resident_bytes(shape),
+                       "l2_bytes": self.l2_bytes if dev == "cuda" else None,
+                       "hot": self.cfg.hot, "repeats": self.cfg.repeats,
+                       "window_s": self.cfg.window_s if energy else None},
+            "time": t.as_dict(), "energy": energy, "kernels": kernels,
+            "traffic": traffic.as_dict(), "flops": flops,
+            "intensity": flops / traffic.total if traffic.total else None,
+            "achieved": {"bytes_per_s": bw, "flop_per_s": fl,
+                         "frac_bandwidth": bw / ceilings["copy_bytes_per_s"]
+                         if ceilings.get("copy_bytes_per_s") else None,
+                         "frac_flops": fl / ceilings["bf16_flop_per_s"]
+                         if ceilings.get("bf16_flop_per_s") else None},
+            "gpu_state": state,
+        }
+
+
+def _err(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}".splitlines()[0][:500]
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
