@@ -72,7 +72,9 @@ def _default_run_dir(device: str) -> Path:
 
 @app.command()
 def bench(
-    model: ModelOpt = "gemma-4-e4b",
+    model: Annotated[str | None, typer.Option("--model", help="Bundled model name, a "
+                                              "config.json path, or a folder holding one. "
+                                              "Default: gemma-4-e4b.")] = None,
     shapes: Annotated[str | None, typer.Option(help="Only these shapes: comma-separated names "
                                                "or groups (e.g. gate_up,attn.o).")] = None,
     m: Annotated[str | None, typer.Option("--m", help="Token counts M, comma-separated. Default: "
@@ -101,6 +103,8 @@ def bench(
                                              "runs/<time>-<gpu>/.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run folder: recorded "
                                          "points are kept, the rest measured.")] = False,
+    retry_failed: Annotated[bool, typer.Option(help="With --resume: measure failed points "
+                                               "again (their old records are dropped).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
 ) -> None:
     """Measure every shape x M x backend: time, energy, kernels, bytes (writes a run folder)."""
@@ -108,7 +112,7 @@ def bench(
 
     from dqprof.sweep import QUICK_M, Sweep, SweepConfig, load_suite, parse_shard
 
-    cfg = SweepConfig(model=model, device=device, hot=hot, l2_factor=l2_factor, seed=seed,
+    cfg = SweepConfig(device=device, hot=hot, l2_factor=l2_factor, seed=seed,
                       energy=not no_energy, attribution=not no_attribution, shard=parse_shard(shard))
     if quick:
         cfg.m, cfg.repeats, cfg.window_s = QUICK_M, 5, 0.5
@@ -117,12 +121,10 @@ def bench(
     # explicit flags win over the suite and --quick
     if m is not None:
         cfg.m = _ints(m)
-    for name, value in (("shapes", shapes), ("backends", backends), ("repeats", repeats),
-                        ("window_s", window)):
+    for name, value in (("model", model), ("shapes", shapes), ("backends", backends),
+                        ("repeats", repeats), ("window_s", window)):
         if value is not None:
             setattr(cfg, name, value)
-    if model != "gemma-4-e4b" or suite is None:
-        cfg.model = model if suite is None or model != "gemma-4-e4b" else cfg.model
     run_dir = out or _default_run_dir(device)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=err_console, transient=False) as bar:
@@ -131,7 +133,7 @@ def bench(
         def progress(done: int, total: int, label: str) -> None:
             bar.update(task, completed=done, total=total, description=label[:48].ljust(48))
 
-        sweep = Sweep(cfg, run_dir, resume=resume, progress=progress)
+        sweep = Sweep(cfg, run_dir, resume=resume, retry_failed=retry_failed, progress=progress)
         counts = sweep.run()
     for w in sweep.warnings:
         err_console.print(f"[yellow]warning:[/] {w}")

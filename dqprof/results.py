@@ -71,6 +71,14 @@ class RecordWriter:
         self.close()
 
 
+def rewrite_records(path: Path, records: list[dict[str, Any]]) -> None:
+    """Replace a results file atomically (used to drop failed points before a retry)."""
+    tmp = Path(path).with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r, sort_keys=True, default=_json_default) + "\n"
+                           for r in records))
+    os.replace(tmp, path)
+
+
 def _json_default(o: Any) -> Any:
     if hasattr(o, "item"):
         return o.item()

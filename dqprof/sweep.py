@@ -26,6 +26,7 @@ from dqprof.results import (
     kernels_path,
     load_records,
     point_key,
+    rewrite_records,
     read_run,
     write_run,
 )
@@ -139,8 +140,10 @@ class Sweep:
     """One sweep into one run folder."""
 
     def __init__(self, cfg: SweepConfig, run_dir: Path, resume: bool = False,
+                 retry_failed: bool = False,
                  progress: Callable[[int, int, str], None] | None = None):
         self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
+        self.retry_failed = retry_failed
         self.progress = progress or (lambda done, total, label: None)
         self.model, self.groups = plan(cfg)
         self.warnings: list[str] = []
@@ -166,7 +169,11 @@ class Sweep:
         if not self.resume:
             raise DqprofError(f"{self.run_dir} already holds results: pass --resume to "
                               f"continue it, or choose another -o")
-        return {r["key"] for r in load_records(path)}
+        records = load_records(path)
+        if self.retry_failed:
+            records = [r for r in records if r["status"] != "failed"]
+            rewrite_records(path, records)
+        return {r["key"] for r in records}
 
     def _setup(self) -> dict[str, Any]:
         from dqprof.measure.environment import environment
