@@ -89,3 +89,11 @@ def int4_grouped(m: int, n: int, k: int, zero_points: str | None) -> Traffic:
     elif zero_points == "bf16":  # tinygemm: scales_and_zeros interleaves bf16 zeros
         scales += BF16 * groups * n
     return Traffic(weight=n * k // 2, scales=scales, act_in=BF16 * m * k, act_out=BF16 * m * n)
+
+
+def nf4_fused(m: int, n: int, k: int, absmax_bytes: int = 2, table_bytes: int = 0) -> Traffic:
+    """A fused NF4 GEMM (triton-nf4): packed weight, one plain absmax per block (no nesting)
+    plus the kernel's code table, activations read once, results written once."""
+    blocks = -(-n * k // NF4_BLOCK)
+    return Traffic(weight=n * k // 2, scales=absmax_bytes * blocks + table_bytes,
+                   act_in=BF16 * m * k, act_out=BF16 * m * n)

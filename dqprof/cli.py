@@ -180,6 +180,16 @@ def env() -> None:
 
 
 # -- commands defined in other modules register here, one line each --------------------
+from dqprof.analysis.cli import report  # noqa: E402
+
+app.command()(report)
+from dqprof.gate_cli import merge, regress  # noqa: E402
+
+app.command()(regress)
+app.command()(merge)
+from dqprof.fullmodel.cli import model_app  # noqa: E402
+
+app.add_typer(model_app, name="model")
 
 
 def main() -> None:

@@ -63,13 +63,15 @@ def test_energy_counter_ticks() -> None:
     nvml, why = open_nvml(0)
     if nvml is None or not nvml.energy_supported:
         pytest.skip(why or "no energy counter")
-    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
-    replay = Replay([lambda: a @ a], "cuda")
+    # a copy far past L2 stays under the power cap, so sustained and burst speed agree
+    src = torch.randn(64 << 20, device="cuda")
+    dst = torch.empty_like(src)
+    replay = Replay([lambda: dst.copy_(src)], "cuda")
     t = time_replay(replay, 5)
     e = measure_energy(replay, nvml, t.median_s, 0.5, None, None)
     assert e.flag is None, e
     assert e.ticks >= 3 and e.calls > 0 and e.j_per_call > 0
-    # calls counted in the window agree with the timed median within 10%
+    # calls counted in the window agree with the timed median
     assert abs(e.s_per_call_in_window / t.median_s - 1) < 0.1
 
 
@@ -83,7 +85,8 @@ def test_short_sweep_records_everything(tmp_path) -> None:
     assert len(ok) == 7
     for r in ok:
         assert r["method"]["timing"] == "cuda-graph"
-        assert r["method"]["rotation_bytes"] >= 3 * r["method"]["l2_bytes"] or r["method"]["rotation"] == 1
+        method = r["method"]
+        assert method["rotation_bytes"] >= 3 * method["l2_bytes"] or method["rotation"] == 1
         assert r["kernels"], r["key"]
         assert r["gpu_state"]["sm_clock_mhz"]
     cats = {r["key"]: {k["category"] for k in r["kernels"]} for r in ok}

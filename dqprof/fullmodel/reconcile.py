@@ -1,0 +1,216 @@
+"""Predict the linear layers' energy per token from a kernel profile; compare with vLLM runs.
+
+Decode at batch B: every linear shape runs at M = B, ``calls_per_token`` times per step, and
+a step makes B tokens: J/token = sum(E(shape, M=B) * calls_per_token) / B (lm_head included:
+it runs every decode step). Prefill of B prompts of L tokens: vLLM runs chunks of up to
+``max_num_batched_tokens`` tokens (recorded by the runner), so M = min(B*L, chunk) and
+J/token = sum(E(M) * calls_per_token) / M over the per-token shapes, plus lm_head, which runs
+once per sequence (on its last prompt token): E(lm_head, M=B) / (B*L), as one call at M=B
+(vLLM spreads it over the steps in which sequences finish their prefill).
+
+Backends: each quantization's quantized layers use its kernel backend (QUANT_BACKEND);
+layers vLLM keeps bf16 under every scheme (``LinearShape.quantized`` False: the tied lm_head)
+use the bf16 records. When the profile lacks the exact M, energy and time are interpolated
+linearly in log(M)-log(value) between the nearest measured M below and above ("log-interp"),
+or taken from the nearest measured M outside the measured range ("nearest"); each term says
+which. Records are matched on layer name, N and K, so a profile of the full model predicts a
+cut (``--layers``) model too: calls per token come from the model's own shapes.
+
+What the linear layers do not explain is the remainder: attention, norms and activations,
+embedding and PLE gathers, sampling, host/scheduler gaps and, on the total basis, the idle
+power drawn through all of them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from dqprof.models.shapes import LinearShape
+
+QUANT_BACKEND = {"bf16": "bf16", "bitsandbytes": "bnb-nf4", "gptq_marlin": "marlin-gptq",
+                 "awq_marlin": "marlin-awq"}
+UNQUANTIZED_BACKEND = "bf16"
+REMAINDER = ("attention", "norms and activations", "embedding and PLE gathers", "sampling",
+             "host and scheduler gaps")
+IDLE_PART = "idle power during all of it"
+
+
+@dataclass(frozen=True)
+class Term:
+    layer: str
+    group: str
+    backend: str
+    m: int
+    calls: float  # kernel calls per token of this phase (calls_per_token / tokens per call)
+    method: str  # exact, log-interp, nearest, missing
+    m_used: tuple[int, ...]
+    j_per_call: float | None
+    s_per_call: float | None
+    j_per_token: float | None
+    s_per_token: float | None
+
+
+@dataclass
+class Prediction:
+    quant: str
+    phase: str  # decode or prefill
+    batch: int
+    m: int
+    terms: list[Term]
+
+    @property
+    def j_per_token(self) -> float | None:
+        vals = [t.j_per_token for t in self.terms]
+        return sum(vals) if vals and None not in vals else None  # type: ignore[arg-type]
+
+    @property
+    def s_per_token(self) -> float | None:
+        vals = [t.s_per_token for t in self.terms]
+        return sum(vals) if vals and None not in vals else None  # type: ignore[arg-type]
+
+    @property
+    def missing(self) -> list[str]:
+        return [t.layer for t in self.terms if t.method == "missing"]
+
+    def by_group(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for t in self.terms:
+            out[t.group] = out.get(t.group, 0.0) + (t.j_per_token or 0.0)
+        return out
+
+
+def backend_for(quant: str, shape: LinearShape) -> str:
+    if quant not in QUANT_BACKEND:
+        from dqprof.errors import DqprofError
+
+        raise DqprofError(f"no kernel backend for quantization '{quant}' "
+                          f"(known: {', '.join(QUANT_BACKEND)})")
+    return QUANT_BACKEND[quant] if shape.quantized else UNQUANTIZED_BACKEND
+
+
+def _energy(rec: dict[str, Any], above_idle: bool) -> float | None:
+    e = rec.get("energy") or {}
+    return e.get("j_per_call_above_idle" if above_idle else "j_per_call")
+
+
+def _time(rec: dict[str, Any]) -> float | None:
+    return (rec.get("time") or {}).get("median_s")
+
+
+def _interp(points: dict[int, float], m: int) -> tuple[float | None, str, tuple[int, ...]]:
+    if not points:
+        return None, "missing", ()
+    if m in points:
+        return points[m], "exact", (m,)
+    below = [x for x in points if x < m]
+    above = [x for x in points if x > m]
+    if below and above:
+        lo, hi = max(below), min(above)
+        vlo, vhi = points[lo], points[hi]
+        if vlo > 0 and vhi > 0:
+            f = (math.log(m) - math.log(lo)) / (math.log(hi) - math.log(lo))
+            return math.exp(math.log(vlo) + f * (math.log(vhi) - math.log(vlo))), \
+                "log-interp", (lo, hi)
+        near = min((lo, hi), key=lambda x: abs(math.log(x / m)))
+        return points[near], "nearest", (near,)
+    near = max(below) if below else min(above)
+    return points[near], "nearest", (near,)
+
+
+def kernel_figures(records: list[dict[str, Any]], shape: LinearShape, backend: str, m: int,
+                   above_idle: bool = False, variant: str = ""
+                   ) -> tuple[float | None, float | None, str, tuple[int, ...]]:
+    """(J per call, s per call, method, M values used) of one shape on one backend at M."""
+    mine = [r for r in records if r.get("status") == "ok" and r.get("layer") == shape.name
+            and r.get("backend") == backend and r.get("variant", "") == variant
+            and r.get("n") == shape.n and r.get("k") == shape.k]
+    energy = {r["m"]: v for r in mine if (v := _energy(r, above_idle)) is not None}
+    times = {r["m"]: v for r in mine if (v := _time(r)) is not None}
+    e, method, used = _interp(energy, m)
+    t, tmethod, _ = _interp(times, m)
+    if e is None and t is not None:
+        method, used = tmethod, ()
+    return e, t, method, used
+
+
+def predict(records: list[dict[str, Any]], shapes: list[LinearShape], quant: str, phase: str,
+            batch: int, prompt_len: int | None = None, chunk: int | None = None,
+            above_idle: bool = False) -> Prediction:
+    """Energy and time of the linear layers per token of ``phase`` at ``batch``."""
+    if phase == "decode":
+        m = batch
+    elif phase == "prefill":
+        if not prompt_len:
+            raise ValueError("prefill prediction needs the prompt length")
+        m = min(batch * prompt_len, chunk) if chunk else batch * prompt_len
+    else:
+        raise ValueError(f"phase is decode or prefill, not {phase}")
+    terms = []
+    for s in shapes:
+        backend = backend_for(quant, s)
+        if phase == "prefill" and s.per_sequence:  # one call at M=B per B*L prompt tokens
+            m_s, calls = batch, s.calls_per_token / (batch * prompt_len)
+        else:  # one call per step of m tokens
+            m_s, calls = m, s.calls_per_token / m
+        e, t, method, used = kernel_figures(records, s, backend, m_s, above_idle)
+        jpt = e * calls if e is not None else None
+        spt = t * calls if t is not None else None
+        terms.append(Term(s.name, s.group, backend, m_s, calls, method, used, e, t, jpt, spt))
+    return Prediction(quant, phase, batch, m, terms)
+
+
+@dataclass
+class Reconciled:
+    quant: str
+    workload: str
+    batch: int
+    phase: str
+    m: int
+    measured_j_per_token: float | None
+    predicted_j_per_token: float | None  # linear layers only
+    explained_fraction: float | None
+    remainder_j_per_token: float | None
+    measured_s_per_token: float | None
+    predicted_s_per_token: float | None
+    idle_in_remainder_j_per_token: float | None  # idle power x unexplained time (total basis)
+    remainder_parts: list[str]
+    basis: str  # total or above_idle
+    methods: dict[str, int] = field(default_factory=dict)  # how many terms used each method
+    missing: list[str] = field(default_factory=list)
+    by_group: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def reconcile(model_records: list[dict[str, Any]], kernel_records: list[dict[str, Any]],
+              shapes: list[LinearShape], above_idle: bool = False) -> list[Reconciled]:
+    """Measured vs predicted J/token for every ok model record, decode and prefill."""
+    key = "j_per_token_above_idle" if above_idle else "j_per_token"
+    out = []
+    for r in model_records:
+        if r.get("status") != "ok" or r.get("quant") not in QUANT_BACKEND:
+            continue
+        chunk = (r.get("engine") or {}).get("max_num_batched_tokens")
+        idle = r.get("idle_power_w")
+        for phase in ("decode", "prefill"):
+            meas = r.get(phase) or {}
+            p = predict(kernel_records, shapes, r["quant"], phase, r["batch"],
+                        r.get("input_len"), chunk, above_idle)
+            mj, pj = meas.get(key), p.j_per_token
+            ms, ps = meas.get("s_per_token"), p.s_per_token
+            idle_part = None
+            if not above_idle and idle is not None and ms is not None and ps is not None:
+                idle_part = idle * max(0.0, ms - ps)
+            methods: dict[str, int] = {}
+            for t in p.terms:
+                methods[t.method] = methods.get(t.method, 0) + 1
+            out.append(Reconciled(
+                r["quant"], r["workload"], r["batch"], phase, p.m, mj, pj,
+                pj / mj if mj and pj is not None else None,
+                mj - pj if mj is not None and pj is not None else None, ms, ps, idle_part,
+                list(REMAINDER) + ([] if above_idle else [IDLE_PART]),
+                "above_idle" if above_idle else "total", methods, p.missing, p.by_group()))
+    return out

@@ -1,0 +1,145 @@
+"""The ``regress`` and ``merge`` commands; dqprof/cli.py registers them, the work lives in
+dqprof.regress and dqprof.merge.
+
+Both catch DqprofError themselves so that the documented exit codes (0 pass, 1 regression,
+2 unusable input) hold however the app is invoked, not only through ``cli.main``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dqprof.errors import DqprofError
+
+if TYPE_CHECKING:
+    from dqprof.regress import Report
+
+console = Console()
+err_console = Console(stderr=True)
+T = TypeVar("T")
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    err_console.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _guard(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except DqprofError as e:
+        _fail(str(e), e.exit_code)
+
+
+def _table(report: Report, show_all: bool) -> Table:
+    from dqprof.regress import UNCHANGED, describe, fmt_change
+
+    style = {"regression": "bold red", "failed": "red", "improvement": "green",
+             "missing": "yellow", "new": "yellow", "unchanged": "dim"}
+    t = Table(title="points that changed, failed or are missing" if not show_all else None,
+              title_justify="left")
+    t.add_column("point", no_wrap=True)  # whole keys: what people grep CI logs for
+    for col in ("verdict", "time", "Δ time (band)", "energy", "Δ energy (band)", "note"):
+        t.add_column(col, overflow="fold")
+    for p in report.points:
+        if p.status == UNCHANGED and not (show_all or p.note):
+            continue
+        tc, ec = p.change("time"), p.change("energy")
+        t.add_row(p.key, f"[{style[p.status]}]{p.status}[/]", describe(tc), fmt_change(tc),
+                  describe(ec), fmt_change(ec), p.note)
+    return t
+
+
+def _annotate(report: Report) -> None:
+    """GitHub workflow commands: regressions and warnings show on the run's summary page."""
+    from dqprof.regress import FAILED, REGRESSION, describe, fmt_change
+
+    def esc(text: str) -> str:  # the workflow-command escaping of a message
+        return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+    for w in report.warnings:
+        print(f"::warning title=dqprof regress::{esc(w)}")
+    for p in report.of(REGRESSION, FAILED):
+        detail = "; ".join(f"{c.metric} {describe(c)} {fmt_change(c)}" for c in p.changes)
+        print(f"::error title=kernel {p.status}::{esc(f'{p.key} {detail} {p.note}'.rstrip())}")
+
+
+def regress(
+    baseline: Annotated[Path, typer.Option(help="Baseline: a run folder, or a kernels .jsonl "
+                                           "(its run.json read from <name>.run.json beside "
+                                           "it).")],
+    current: Annotated[Path, typer.Option(help="The run to check: a run folder or .jsonl.")],
+    max_slowdown: Annotated[str, typer.Option(help="Time per call may grow this much "
+                                              "('5%' or '0.05').")] = "5%",
+    max_energy_increase: Annotated[str, typer.Option(help="Energy per call may grow this "
+                                                     "much.")] = "7%",
+    noise_k: Annotated[float, typer.Option(help="A change must also exceed this many times "
+                                           "the root-sum-square of both sides' relative "
+                                           "spreads.")] = 2.0,
+    junit: Annotated[Path | None, typer.Option(help="Write JUnit XML here (one testcase "
+                                               "per point).")] = None,
+    summary: Annotated[Path | None, typer.Option(help="Write a markdown summary here (fits "
+                                                 "$GITHUB_STEP_SUMMARY).")] = None,
+    fail_on_missing: Annotated[bool, typer.Option(help="Points the baseline has but the "
+                                                  "current run lacks fail the gate.")] = False,
+    show_all: Annotated[bool, typer.Option(help="List unchanged points too.")] = False,
+    update_baseline: Annotated[bool, typer.Option(help="Write the current run's ok records "
+                                                  "to --baseline (and its run.json beside "
+                                                  "it) instead of comparing.")] = False,
+) -> None:
+    """Gate a run against a baseline: exit 0 pass, 1 regression, 2 unusable input."""
+    from dqprof import regress as rg
+
+    if update_baseline:
+        n = _guard(lambda: rg.write_baseline(current, baseline))
+        console.print(f"{baseline}: baseline written from {current} ({n} ok records; "
+                      f"environment in {rg.run_json_for(baseline)})")
+        return
+    gate = _guard(lambda: rg.Gate(rg.parse_fraction(max_slowdown),
+                                  rg.parse_fraction(max_energy_increase), noise_k,
+                                  fail_on_missing))
+    if not baseline.exists():
+        _fail(f"baseline {baseline} does not exist: make one on this runner's GPU with "
+              f"`dqprof regress --baseline {baseline} --current <run> --update-baseline` "
+              f"(docs/ci.md)")
+    report = _guard(lambda: rg.run_regress(baseline, current, gate))
+    for w in report.warnings:
+        err_console.print(f"[bold yellow]WARNING:[/] {w}", highlight=False, soft_wrap=True)
+    # CI logs are no terminal: rich would fall back to 80 columns and fold every row
+    out = console if console.is_terminal else Console(width=200)
+    table = _table(report, show_all)
+    if table.row_count:
+        out.print(table)
+    if os.environ.get("GITHUB_ACTIONS") == "true":
+        _annotate(report)
+    if junit is not None:
+        rg.write_text(junit, rg.to_junit(report))
+    if summary is not None:
+        rg.write_text(summary, rg.to_markdown(report))
+    console.print(report.headline(), style="bold red" if report.exit_code else "bold green",
+                  highlight=False)
+    raise typer.Exit(report.exit_code)
+
+
+def merge(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders to join (e.g. the shards "
+                                               "of one sweep).")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="The merged run folder.")],
+    force: Annotated[bool, typer.Option(help="Merge runs from different GPUs or sweep "
+                                        "configs anyway.")] = False,
+) -> None:
+    """Join run folders (shards of one sweep) into one; refuses mismatched runs (exit 2)."""
+    from dqprof.merge import merge_runs
+
+    result = _guard(lambda: merge_runs(runs, out, force))
+    for w in result.warnings:
+        err_console.print(f"[bold yellow]WARNING:[/] {w}", highlight=False, soft_wrap=True)
+    dup = f" ({result.duplicates} identical duplicates kept once)" if result.duplicates else ""
+    console.print(f"{result.out}: {result.records} records from {len(runs)} runs{dup}")

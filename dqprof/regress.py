@@ -1,0 +1,469 @@
+"""The CI gate: compare a run with a baseline point by point, noise-aware.
+
+Points are matched on their record ``key``. For each point both sides measured (status ok),
+time per call (``time.median_s``) and energy per call (``energy.j_per_call``) are compared. A
+change is a regression only when it is beyond BOTH the threshold (``max_slowdown``,
+``max_energy_increase``) AND the point's noise band:
+
+    band = noise_k * sqrt(noise_baseline**2 + noise_current**2)
+
+where a side's time noise is its ``time.rel_spread`` (IQR / median of the timing samples) and
+its energy noise adds the call-count resolution of the energy window and the clock drift the
+window saw (see ``energy_noise``).
+Why ``noise_k = 2``: the median of n samples has a standard error of about
+1.25 sigma / sqrt(n) and the IQR is 1.35 sigma, so at the suites' 10 repeats the difference of
+two medians has a standard error of about 0.29 * sqrt(s_b**2 + s_c**2); a band of 2 * sqrt(...)
+sits about 7 standard errors out. That leaves room for run-to-run drift (clock and thermal
+state, allocation) that the within-run IQR cannot see, so a rerun of the same commit does not
+flag, while quiet points (spread below ~1.7 % a side) are gated by the threshold alone.
+Improvements are the mirror image. Everything here is pure: it reads results, never a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from xml.etree import ElementTree as ET
+
+from dqprof.errors import DqprofError
+from dqprof.results import KERNELS_FILE, RUN_FILE, load_records
+
+NOISE_K = 2.0
+# measure.energy.CHUNK_S (not imported: that module pulls in torch). The energy window counts
+# calls per chunk of this much device time, so its call count is exact to about one chunk at
+# each end of the window.
+ENERGY_EDGE_S = 5e-3
+# What the environment check compares: a difference in any of these makes timings suspect.
+ENV_FIELDS = (
+    ("GPU", ("environment", "gpu", "name")),
+    ("driver", ("environment", "gpu", "driver")),
+    ("power limit (W)", ("environment", "gpu", "power_limit_w")),
+    *((name, ("environment", "versions", name)) for name in ("torch", "bitsandbytes", "vllm",
+                                                              "triton")),
+)
+# Method settings whose difference changes what a figure means (warned, not refused).
+CONFIG_FIELDS = ("repeats", "window_s", "l2_factor", "hot", "seed")
+# Clock-event reasons that slow a point down for reasons outside the code under test.
+SLOWDOWN_REASONS = {"sw_power_cap", "hw_slowdown", "sw_thermal_slowdown", "hw_thermal_slowdown",
+                    "hw_power_brake_slowdown"}
+CLOCK_DRIFT = 0.03  # median SM clocks further apart than this: clocks were not the same
+
+REGRESSION, IMPROVEMENT, UNCHANGED = "regression", "improvement", "unchanged"
+MISSING, NEW, FAILED = "missing", "new", "failed"  # not in current / not in baseline / broken
+
+
+def parse_fraction(text: str | float) -> float:
+    """'5%' or '0.05' -> 0.05. A bare number above 1 is refused: '5' is ambiguous."""
+    s = str(text).strip()
+    try:
+        value = float(s[:-1]) / 100 if s.endswith("%") else float(s)
+    except ValueError:
+        raise DqprofError(f"threshold '{text}': write a percentage (5%) or a fraction "
+                          f"(0.05)") from None
+    if not s.endswith("%") and value > 1:
+        raise DqprofError(f"threshold '{text}': did you mean {s}%? (fractions are 0..1)")
+    if not math.isfinite(value) or value < 0:
+        raise DqprofError(f"threshold '{text}' must be a non-negative number")
+    return value
+
+
+@dataclass(frozen=True)
+class Gate:
+    max_slowdown: float = 0.05
+    max_energy_increase: float = 0.07
+    noise_k: float = NOISE_K
+    fail_on_missing: bool = False  # points missing from the current run fail the gate too
+
+
+# -- inputs ---------------------------------------------------------------------------------
+
+@dataclass
+class Side:
+    """One side of the comparison: its records by key and the run.json that describes them."""
+
+    path: Path
+    records: dict[str, dict[str, Any]]
+    run: dict[str, Any]  # {} where no run.json was found
+    run_path: Path
+
+
+def run_json_for(path: Path) -> Path:
+    """Where the environment of a results path lives: a run folder's run.json, or, for a
+    ``name.jsonl`` file, ``name.run.json`` beside it (``run.json`` beside a kernels.jsonl)."""
+    path = Path(path)
+    if path.is_dir():
+        return path / RUN_FILE
+    if path.name == KERNELS_FILE:
+        return path.parent / RUN_FILE
+    return path.with_name(path.name.removesuffix(".jsonl") + ".run.json")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DqprofError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
+    if not isinstance(data, dict):
+        raise DqprofError(f"{path}: expected a JSON object")
+    return data
+
+
+def load_side(path: Path) -> Side:
+    path = Path(path)
+    if not path.exists():
+        raise DqprofError(f"{path}: no such run folder or results file")
+    file = path / KERNELS_FILE if path.is_dir() else path
+    by_key: dict[str, dict[str, Any]] = {}
+    for rec in load_records(file):
+        if rec["key"] in by_key:  # resume never redoes a key, so a repeat means a bad concat
+            raise DqprofError(f"{file}: key '{rec['key']}' appears twice (use `dqprof merge` "
+                              f"to join runs)")
+        if rec["status"] == "ok" and not _positive(_get(rec, "time", "median_s")):
+            raise DqprofError(f"{file}: ok record '{rec['key']}' has no time.median_s")
+        by_key[rec["key"]] = rec
+    run_path = run_json_for(path)
+    return Side(path, by_key, read_json(run_path), run_path)
+
+
+def _get(d: Any, *keys: str) -> Any:
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+def _positive(x: Any) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x) and x > 0
+
+
+# -- the comparison -------------------------------------------------------------------------
+
+@dataclass
+class Change:
+    """One figure of one point on both sides."""
+
+    metric: str  # "time" or "energy"
+    base: float
+    cur: float
+    band: float  # relative noise band
+    limit: float  # the threshold for this metric
+
+    @property
+    def rel(self) -> float:
+        return self.cur / self.base - 1
+
+    @property
+    def verdict(self) -> str:
+        beyond = abs(self.rel) > self.limit
+        if beyond and abs(self.rel) > self.band:
+            return REGRESSION if self.rel > 0 else IMPROVEMENT
+        return "noise" if beyond else UNCHANGED
+
+
+@dataclass
+class Point:
+    key: str
+    status: str
+    changes: list[Change] = field(default_factory=list)
+    note: str = ""
+
+    def change(self, metric: str) -> Change | None:
+        return next((c for c in self.changes if c.metric == metric), None)
+
+    @property
+    def worst(self) -> float:
+        """Sort key: the largest relative change, failures first."""
+        return max((c.rel for c in self.changes), default=math.inf)
+
+
+def time_noise(rec: dict[str, Any]) -> float:
+    s = _get(rec, "time", "rel_spread")
+    return float(s) if isinstance(s, int | float) and math.isfinite(s) and s > 0 else 0.0
+
+
+def energy_noise(rec: dict[str, Any]) -> float:
+    """Time jitter (energy = power x time), the window's call-count resolution, and drift.
+
+    Drift: how far the sustained time per call inside the energy window strays from the
+    burst-timed median. On the H200 that gap reached 5-15 % for points that ran into the power
+    cap (clocks sag as the board heats), and exactly those points moved up to 7 % in energy
+    between two back-to-back runs of one commit; quiet points keep a gap of 1-2 %.
+    """
+    window = _get(rec, "energy", "window_s")
+    edge = 2 * ENERGY_EDGE_S / window if _positive(window) else 0.0
+    drift = 0.0
+    sustained, burst = _get(rec, "energy", "s_per_call_in_window"), _get(rec, "time", "median_s")
+    if _positive(sustained) and _positive(burst):
+        drift = abs(sustained / burst - 1)
+    return math.sqrt(time_noise(rec) ** 2 + edge**2 + drift**2)
+
+
+def compare_point(key: str, base: dict[str, Any], cur: dict[str, Any], gate: Gate) -> Point:
+    """Both sides ok: time always, energy where both sides measured a trustworthy figure."""
+    k = gate.noise_k
+    changes = [Change("time", base["time"]["median_s"], cur["time"]["median_s"],
+                      k * math.hypot(time_noise(base), time_noise(cur)), gate.max_slowdown)]
+    notes = []
+    eb, ec = _get(base, "energy", "j_per_call"), _get(cur, "energy", "j_per_call")
+    flags = [f for f in (_get(base, "energy", "flag"), _get(cur, "energy", "flag")) if f]
+    if _positive(eb) and _positive(ec) and not flags:
+        changes.append(Change("energy", eb, ec, k * math.hypot(energy_noise(base),
+                                                               energy_noise(cur)),
+                              gate.max_energy_increase))
+    elif flags:
+        notes.append(f"energy not compared: {'; '.join(flags)}")
+    elif _positive(eb) != _positive(ec):
+        notes.append(f"energy measured on the {'baseline' if _positive(eb) else 'current'} "
+                     f"side only")
+    notes += gpu_state_notes(base, cur)
+    verdicts = {c.verdict for c in changes}
+    status = (REGRESSION if REGRESSION in verdicts else
+              IMPROVEMENT if IMPROVEMENT in verdicts else UNCHANGED)
+    if "noise" in verdicts:
+        noisy = [c.metric for c in changes if c.verdict == "noise"]
+        notes.append(f"{' and '.join(noisy)} beyond threshold but within noise band")
+    return Point(key, status, changes, "; ".join(notes))
+
+
+def gpu_state_notes(base: dict[str, Any], cur: dict[str, Any]) -> list[str]:
+    """What the GPU was doing during the current point that it was not doing in the baseline."""
+    notes = []
+    others = _get(cur, "gpu_state", "other_processes")
+    if others:
+        notes.append(f"{others} other process(es) on the GPU")
+    before = set(_get(base, "gpu_state", "throttle") or ())
+    now = (set(_get(cur, "gpu_state", "throttle") or ()) & SLOWDOWN_REASONS) - before
+    if now:
+        notes.append(f"throttled now: {', '.join(sorted(now))}")
+    return notes
+
+
+def median_sm_clock(side: Side) -> float | None:
+    clocks = sorted(c for r in side.records.values()
+                    if _positive(c := _get(r, "gpu_state", "sm_clock_mhz")))
+    return clocks[len(clocks) // 2] if clocks else None
+
+
+def classify(key: str, base: dict[str, Any] | None, cur: dict[str, Any] | None,
+             gate: Gate) -> Point | None:
+    """One key on both sides; None where neither side has a result worth reporting."""
+    b_ok = base is not None and base["status"] == "ok"
+    c_status = cur["status"] if cur is not None else None
+    if b_ok and c_status == "ok":
+        return compare_point(key, base, cur, gate)  # type: ignore[arg-type]
+    if b_ok and c_status == "failed":
+        return Point(key, REGRESSION, note=f"failed now: {cur.get('reason')}")  # type: ignore[union-attr]
+    if b_ok:
+        why = f"skipped now: {cur.get('reason')}" if cur else "not in the current run"
+        return Point(key, MISSING, note=why)
+    if c_status == "ok":
+        why = f"{base['status']} in baseline: {base.get('reason')}" if base else "not in baseline"
+        return Point(key, NEW, note=why)
+    if c_status == "failed":
+        return Point(key, FAILED, note=f"failed: {cur.get('reason')}"  # type: ignore[union-attr]
+                     + (" (also in baseline)" if base and base["status"] == "failed" else ""))
+    return None  # skipped or absent on both sides: nothing measured to compare
+
+
+def environment_warnings(base: Side, cur: Side) -> list[str]:
+    """Loud notes for anything that makes the two sides' figures hard to compare."""
+    out = []
+    for side in (base, cur):
+        if not side.run:
+            out.append(f"no run.json for {side.path} (looked for {side.run_path}): cannot check "
+                       f"that both sides ran on the same GPU, driver and libraries")
+    if not (base.run and cur.run):
+        return out
+    for label, keys in ENV_FIELDS:
+        b, c = _get(base.run, *keys), _get(cur.run, *keys)
+        if b != c:
+            out.append(f"{label} differs: baseline {b!r}, current {c!r} (re-baseline on this "
+                       f"runner's GPU and stack if this is intended)")
+    b, c = median_sm_clock(base), median_sm_clock(cur)
+    if b and c and abs(c / b - 1) > CLOCK_DRIFT:
+        out.append(f"median SM clock during the points differs: baseline {b:.0f} MHz, current "
+                   f"{c:.0f} MHz (clocks locked on one side only? see docs/ci.md)")
+    for name in CONFIG_FIELDS:
+        b, c = _get(base.run, "config", name), _get(cur.run, "config", name)
+        if b != c:
+            out.append(f"sweep setting {name} differs: baseline {b!r}, current {c!r}")
+    return out
+
+
+@dataclass
+class Report:
+    baseline: Side
+    current: Side
+    gate: Gate
+    points: list[Point]
+    warnings: list[str]
+
+    def of(self, *statuses: str) -> list[Point]:
+        return [p for p in self.points if p.status in statuses]
+
+    @property
+    def compared(self) -> int:
+        return len(self.of(REGRESSION, IMPROVEMENT, UNCHANGED))
+
+    @property
+    def exit_code(self) -> int:
+        if self.of(REGRESSION) or (self.gate.fail_on_missing and self.of(MISSING)):
+            return 1
+        return 0
+
+    def headline(self) -> str:
+        def n(count: int, word: str, plural: str | None = None) -> str:
+            return f"{count} {word if count == 1 else plural or word + 's'}"
+
+        text = (f"dqprof regress: {n(len(self.of(REGRESSION)), 'regression')}, "
+                f"{n(len(self.of(IMPROVEMENT)), 'improvement')}, "
+                f"{len(self.of(UNCHANGED))} unchanged, {len(self.of(MISSING, NEW))} missing")
+        if self.of(FAILED):
+            text += f", {len(self.of(FAILED))} failed"
+        return text
+
+
+def compare(baseline: Side, current: Side, gate: Gate = Gate()) -> Report:
+    keys = list(baseline.records) + [k for k in current.records if k not in baseline.records]
+    points = [p for k in keys
+              if (p := classify(k, baseline.records.get(k), current.records.get(k), gate))]
+    order = {REGRESSION: 0, FAILED: 1, MISSING: 2, NEW: 3, IMPROVEMENT: 4, UNCHANGED: 5}
+    points.sort(key=lambda p: (order[p.status], -p.worst if p.status == REGRESSION else 0))
+    report = Report(baseline, current, gate, points, environment_warnings(baseline, current))
+    if report.compared == 0:
+        raise DqprofError(f"no common points: {baseline.path} and {current.path} share no key "
+                          f"measured ok on both sides (different suite or model?)")
+    return report
+
+
+def run_regress(baseline: Path, current: Path, gate: Gate = Gate()) -> Report:
+    return compare(load_side(baseline), load_side(current), gate)
+
+
+# -- outputs --------------------------------------------------------------------------------
+
+def fmt_seconds(s: float) -> str:
+    return f"{s * 1e6:.4g} µs" if s < 1e-3 else f"{s * 1e3:.4g} ms"
+
+
+def fmt_joules(j: float) -> str:
+    return f"{j * 1e6:.4g} µJ" if j < 1e-3 else f"{j * 1e3:.4g} mJ"
+
+
+def fmt_change(c: Change | None) -> str:
+    if c is None:
+        return ""
+    return f"{c.rel:+.1%} (band ±{c.band:.1%})"
+
+
+def describe(c: Change | None) -> str:
+    if c is None:
+        return ""
+    fmt = fmt_seconds if c.metric == "time" else fmt_joules
+    return f"{fmt(c.base)} → {fmt(c.cur)}"
+
+
+def _md_rows(points: list[Point]) -> list[str]:
+    rows = ["| point | time | Δ time | energy | Δ energy | note |", "|---|---|---|---|---|---|"]
+    for p in points:
+        t, e = p.change("time"), p.change("energy")
+        cells = (f"`{p.key}`", describe(t), fmt_change(t), describe(e), fmt_change(e), p.note)
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return rows
+
+
+def to_markdown(report: Report) -> str:
+    """A summary that fits $GITHUB_STEP_SUMMARY: headline first, details folded away."""
+    g = report.gate
+    icon = "❌" if report.exit_code else "✅"
+    b_commit = _get(report.baseline.run, "environment", "git", "commit") or "?"
+    c_commit = _get(report.current.run, "environment", "git", "commit") or "?"
+    lines = [f"## {icon} {report.headline()}", "",
+             f"baseline `{report.baseline.path}` (commit `{b_commit[:12]}`), "
+             f"current `{report.current.path}` (commit `{c_commit[:12]}`), "
+             f"GPU {_get(report.current.run, 'environment', 'gpu', 'name') or '?'}.", "",
+             f"A regression is a change beyond both the threshold (time +{g.max_slowdown:.1%}, "
+             f"energy +{g.max_energy_increase:.1%}) and the point's noise band "
+             f"({g.noise_k:g} × the root-sum-square of both sides' relative spreads).", ""]
+    if report.warnings:
+        lines += ["> [!WARNING]"] + [f"> {w}  " for w in report.warnings] + [""]
+    sections = ((f"Regressions{' and failures' if report.of(FAILED) else ''}",
+                 report.of(REGRESSION, FAILED)),
+                ("Improvements", report.of(IMPROVEMENT)),
+                ("Missing (baseline ok, not measured now; or new in this run)",
+                 report.of(MISSING, NEW)))
+    for title, points in sections:
+        if points:
+            lines += [f"### {title}", "", *_md_rows(points), ""]
+    unchanged = report.of(UNCHANGED)
+    if unchanged:
+        lines += ["<details><summary>Unchanged points</summary>", "", *_md_rows(unchanged), "",
+                  "</details>", ""]
+    return "\n".join(lines)
+
+
+def to_junit(report: Report) -> str:
+    """One testcase per point; regressions fail, missing and new points are skipped."""
+    suite = ET.Element("testsuite", name="dqprof regress", tests=str(len(report.points)),
+                       failures=str(len(report.of(REGRESSION, FAILED))),
+                       skipped=str(len(report.of(MISSING, NEW))), errors="0")
+    props = ET.SubElement(suite, "properties")
+    for name, value in (("baseline", report.baseline.path), ("current", report.current.path),
+                        ("max_slowdown", report.gate.max_slowdown),
+                        ("max_energy_increase", report.gate.max_energy_increase),
+                        ("noise_k", report.gate.noise_k)):
+        ET.SubElement(props, "property", name=name, value=str(value))
+    for p in report.points:
+        model, _, rest = p.key.partition("|")
+        layer, _, name = rest.partition("|")
+        case = ET.SubElement(suite, "testcase", classname=f"{model}.{layer}", name=name,
+                             time="0")
+        detail = "; ".join(f"{c.metric} {describe(c)} {fmt_change(c)}" for c in p.changes)
+        text = "; ".join(x for x in (detail, p.note) if x)
+        if p.status in (REGRESSION, FAILED):
+            ET.SubElement(case, "failure", message=f"{p.status}: {text}"[:500]).text = text
+        elif p.status in (MISSING, NEW):
+            ET.SubElement(case, "skipped", message=p.note)
+        elif text:
+            ET.SubElement(case, "system-out").text = text
+    if report.warnings:
+        ET.SubElement(suite, "system-err").text = "\n".join(report.warnings)
+    root = ET.Element("testsuites", name="dqprof regress")
+    root.append(suite)
+    ET.indent(root)
+    return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
+
+
+def write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_baseline(current: Path, dest: Path) -> int:
+    """Current ok records become the baseline (a .jsonl file with <name>.run.json beside it,
+    or a run folder); returns how many records were written."""
+    side = load_side(current)
+    if not side.run:
+        raise DqprofError(f"{current}: no run.json (looked for {side.run_path}): a baseline "
+                          f"without its environment cannot warn about GPU or driver changes")
+    ok = [r for r in side.records.values() if r["status"] == "ok"]
+    if not ok:
+        raise DqprofError(f"{current}: no ok records: refusing to write an empty baseline")
+    dest = Path(dest)
+    if dest.suffix != ".jsonl":
+        dest.mkdir(parents=True, exist_ok=True)
+    file = dest / KERNELS_FILE if dest.is_dir() else dest
+    write_text(file, "".join(json.dumps(r, sort_keys=True) + "\n" for r in ok))
+    info = {**side.run, "baseline_of": {"source": str(side.path), "records": len(ok)}}
+    write_text(run_json_for(dest), json.dumps(info, indent=1, sort_keys=True) + "\n")
+    return len(ok)

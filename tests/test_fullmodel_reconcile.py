@@ -1,0 +1,161 @@
+"""Linear-layer energy predicted from kernel records vs measured J/token (records built here)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from dqprof.cli import app
+from dqprof.fullmodel.plot import plot_reconciliation
+from dqprof.fullmodel.reconcile import (
+    IDLE_PART,
+    QUANT_BACKEND,
+    backend_for,
+    predict,
+    reconcile,
+)
+from dqprof.fullmodel.records import ModelRecordWriter, base_record
+from dqprof.fullmodel.synth import synth_fields
+from dqprof.models.config import ModelConfig, load_config
+from dqprof.models.shapes import linear_shapes
+from dqprof.results import SCHEMA_VERSION, RecordWriter, point_key
+
+FIELDS = synth_fields(load_config("gemma-4-e4b").fields, layers=2, vocab=4096)
+SHAPES = linear_shapes(ModelConfig("tiny", FIELDS, "test"))
+MS = (1, 16, 256)
+SCALE = {"bf16": 2.0, "marlin-gptq": 1.0}
+
+
+def _e(backend: str, n: int, k: int, m: int) -> float:
+    return SCALE[backend] * n * k * 1e-12 * (1 + m / 64)
+
+
+def _t(backend: str, n: int, k: int, m: int) -> float:
+    return _e(backend, n, k, m) / 500.0  # 500 W while the kernel runs
+
+
+def _kernel_records() -> list[dict]:
+    recs = []
+    for s in SHAPES:
+        for backend in SCALE:
+            for m in MS:
+                recs.append({"schema": SCHEMA_VERSION, "kind": "kernel", "model": "tiny",
+                             "key": point_key("tiny", s.name, m, backend), "layer": s.name,
+                             "group": s.group, "n": s.n, "k": s.k, "m": m, "backend": backend,
+                             "variant": "", "status": "ok",
+                             "time": {"median_s": _t(backend, s.n, s.k, m)},
+                             "energy": {"j_per_call": _e(backend, s.n, s.k, m),
+                                        "j_per_call_above_idle": _e(backend, s.n, s.k, m) / 2}})
+    # a record of another model's shape under the same name must not be used
+    recs.append({**recs[0], "n": 1, "energy": {"j_per_call": 1e9}, "m": 4})
+    return recs
+
+
+KREC = _kernel_records()
+
+
+def test_backend_map() -> None:
+    assert QUANT_BACKEND == {"bf16": "bf16", "bitsandbytes": "bnb-nf4",
+                             "gptq_marlin": "marlin-gptq", "awq_marlin": "marlin-awq"}
+    lm = next(s for s in SHAPES if s.name == "lm_head")
+    mlp = next(s for s in SHAPES if s.name == "mlp.down_proj")
+    assert backend_for("gptq_marlin", lm) == "bf16"  # the tied head stays bf16
+    assert backend_for("gptq_marlin", mlp) == "marlin-gptq"
+
+
+def test_decode_exact_and_interpolated() -> None:
+    p1 = predict(KREC, SHAPES, "gptq_marlin", "decode", 1)
+    expected = sum(_e(backend_for("gptq_marlin", s), s.n, s.k, 1) * s.calls_per_token
+                   for s in SHAPES)
+    assert p1.j_per_token == pytest.approx(expected)
+    assert {t.method for t in p1.terms} == {"exact"}
+    p4 = predict(KREC, SHAPES, "gptq_marlin", "decode", 4)
+    # M=4 sits half-way between 1 and 16 in log M: the geometric mean, per 4 tokens
+    expected = sum(math.sqrt(_e(b, s.n, s.k, 1) * _e(b, s.n, s.k, 16)) * s.calls_per_token / 4
+                   for s in SHAPES for b in [backend_for("gptq_marlin", s)])
+    assert p4.j_per_token == pytest.approx(expected)
+    assert {t.method for t in p4.terms} == {"log-interp"}
+    assert p4.terms[0].m_used == (1, 16)
+    big = predict(KREC, SHAPES, "gptq_marlin", "decode", 1024)
+    assert {t.method for t in big.terms} == {"nearest"} and big.terms[0].m_used == (256,)
+    assert big.s_per_token == pytest.approx(sum(
+        _t(backend_for("gptq_marlin", s), s.n, s.k, 256) * s.calls_per_token / 1024
+        for s in SHAPES))
+
+
+def test_prefill_chunks_and_lm_head_per_sequence() -> None:
+    p = predict(KREC, SHAPES, "bf16", "prefill", batch=2, prompt_len=100, chunk=128)
+    assert p.m == 128
+    lm = next(t for t in p.terms if t.layer == "lm_head")
+    s = next(s for s in SHAPES if s.name == "lm_head")
+    e2 = math.exp(math.log(_e("bf16", s.n, s.k, 1)) + math.log(2) / math.log(16) * (
+        math.log(_e("bf16", s.n, s.k, 16)) - math.log(_e("bf16", s.n, s.k, 1))))
+    assert lm.m == 2 and lm.j_per_token == pytest.approx(e2 / 200)
+    down = next(t for t in p.terms if t.layer == "mlp.down_proj")
+    assert down.m == 128 and down.calls == pytest.approx(2 / 128)
+    assert predict(KREC, SHAPES, "bf16", "prefill", 2, 100).m == 200  # no chunk limit
+
+
+def test_missing_backend_is_named() -> None:
+    p = predict(KREC, SHAPES, "awq_marlin", "decode", 1)
+    assert p.j_per_token is None
+    assert "lm_head" not in p.missing and "mlp.down_proj" in p.missing
+
+
+def _model_record(quant: str, batch: int, decode_j: float, decode_s: float) -> dict:
+    return {**base_record("tiny", quant, "decode", 128, 512, batch), "status": "ok",
+            "checkpoint": "unused", "idle_power_w": 100.0,
+            "engine": {"max_num_batched_tokens": 8192},
+            "decode": {"j_per_token": decode_j, "j_per_token_above_idle": decode_j / 2,
+                       "s_per_token": decode_s},
+            "prefill": {"j_per_token": 1e-3, "j_per_token_above_idle": 5e-4,
+                        "s_per_token": 1e-5}}
+
+
+def test_reconcile_explains_a_fraction() -> None:
+    pred = predict(KREC, SHAPES, "gptq_marlin", "decode", 16)
+    rec = _model_record("gptq_marlin", 16, 2 * pred.j_per_token, 3 * pred.s_per_token)
+    rows = reconcile([rec], KREC, SHAPES)
+    dec = next(r for r in rows if r.phase == "decode")
+    assert dec.explained_fraction == pytest.approx(0.5)
+    assert dec.remainder_j_per_token == pytest.approx(pred.j_per_token)
+    assert dec.idle_in_remainder_j_per_token == pytest.approx(100.0 * 2 * pred.s_per_token)
+    assert IDLE_PART in dec.remainder_parts and "attention" in dec.remainder_parts
+    assert sum(dec.by_group.values()) == pytest.approx(pred.j_per_token)
+    assert dec.methods == {"exact": len(SHAPES)}
+    pre = next(r for r in rows if r.phase == "prefill")
+    assert pre.m == 16 * 128 and pre.measured_j_per_token == 1e-3  # under the 8192 chunk
+    above = reconcile([rec], KREC, SHAPES, above_idle=True)[0]
+    assert above.basis == "above_idle" and IDLE_PART not in above.remainder_parts
+    assert above.predicted_j_per_token == pytest.approx(pred.j_per_token / 2)
+    failed = {**rec, "status": "failed"}
+    assert reconcile([failed], KREC, SHAPES) == []
+
+
+def test_plot(tmp_path: Path) -> None:
+    recs = [_model_record(q, b, 1e-2 * b ** -0.5, 1e-4) for q in ("bf16", "gptq_marlin")
+            for b in (1, 16)]
+    fig = plot_reconciliation(recs, KREC, SHAPES, path=tmp_path / "r.png")
+    assert (tmp_path / "r.png").stat().st_size > 1000
+    assert len(fig.axes) == 2
+
+
+def test_cli_reconcile(tmp_path: Path) -> None:
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "config.json").write_text(json.dumps({**FIELDS, "_name_or_path": "tiny"}))
+    with RecordWriter(tmp_path / "kernels") as w:
+        for r in KREC[:-1]:
+            w.write(r)
+    with ModelRecordWriter(tmp_path / "run") as w:
+        w.write({**_model_record("bf16", 16, 0.05, 1e-4), "checkpoint": str(tmp_path / "cfg")})
+    r = CliRunner().invoke(app, ["model", "reconcile", str(tmp_path / "run"), "--kernels",
+                                 str(tmp_path / "kernels"), "--json", "--plot",
+                                 str(tmp_path / "fig.png")])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)
+    assert {row["phase"] for row in rows} == {"decode", "prefill"}
+    assert (tmp_path / "fig-decode.png").exists()
