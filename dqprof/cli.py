@@ -13,7 +13,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from dqprof.analysis.cli import report
 from dqprof.errors import DqprofError
+from dqprof.fullmodel.cli import model_app
+from dqprof.gate_cli import merge, regress
 
 app = typer.Typer(
     help="Profile quantized GEMM paths (bf16, bitsandbytes NF4, Marlin int4, tinygemm, Triton) "
@@ -50,10 +53,11 @@ def shapes(model: ModelOpt = "gemma-4-e4b",
     for col in ("layer", "group", "N (out)", "K (in)", "shards", "calls/token", "quantized"):
         t.add_column(col, justify="right" if col[0] in "NKc" else "left")
     for s in rows:
-        shards = " + ".join(f"{n}:{size}" for n, size in zip(s.shard_names, s.shards,
-                                                             strict=True)) if len(s.shards) > 1 else ""
+        pairs = zip(s.shard_names, s.shards, strict=True)
+        shards = " + ".join(f"{n}:{size}" for n, size in pairs) if len(s.shards) > 1 else ""
         calls = f"{s.calls_per_token}" + (" (per sequence in prefill)" if s.per_sequence else "")
-        t.add_row(s.name, s.group, str(s.n), str(s.k), shards, calls, "yes" if s.quantized else "bf16")
+        quant = "yes" if s.quantized else "bf16"
+        t.add_row(s.name, s.group, str(s.n), str(s.k), shards, calls, quant)
     console.print(t)
     params = sum(s.n * s.k * s.calls_per_token for s in rows)
     console.print(f"linear weights read per decode step: {params / 1e9:.2f} G parameters")
@@ -95,8 +99,9 @@ def bench(
     no_energy: Annotated[bool, typer.Option("--no-energy", help="Skip NVML energy.")] = False,
     no_attribution: Annotated[bool, typer.Option("--no-attribution",
                                                  help="Skip the per-kernel profile.")] = False,
-    suite: Annotated[Path | None, typer.Option(help="A suite file (TOML) setting model, shapes, "
-                                               "M, backends and method; flags override it.")] = None,
+    suite: Annotated[Path | None, typer.Option(
+        help="A suite file (TOML) setting model, shapes, M, backends and method; flags "
+             "override it.")] = None,
     shard: Annotated[str, typer.Option(help="Run part i of n of the plan (i/n), e.g. one "
                                        "process per GPU; join with `dqprof merge`.")] = "1/1",
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Run folder. Default: "
@@ -113,7 +118,8 @@ def bench(
     from dqprof.sweep import QUICK_M, Sweep, SweepConfig, load_suite, parse_shard
 
     cfg = SweepConfig(device=device, hot=hot, l2_factor=l2_factor, seed=seed,
-                      energy=not no_energy, attribution=not no_attribution, shard=parse_shard(shard))
+                      energy=not no_energy, attribution=not no_attribution,
+                      shard=parse_shard(shard))
     if quick:
         cfg.m, cfg.repeats, cfg.window_s = QUICK_M, 5, 0.5
     if suite is not None:
@@ -126,14 +132,15 @@ def bench(
         if value is not None:
             setattr(cfg, name, value)
     run_dir = out or _default_run_dir(device)
+    sweep = Sweep(cfg, run_dir, resume=resume, retry_failed=retry_failed)  # plan errors first
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=err_console, transient=False) as bar:
-        task = bar.add_task("planning", total=None)
+        task = bar.add_task("measuring", total=None)
 
         def progress(done: int, total: int, label: str) -> None:
             bar.update(task, completed=done, total=total, description=label[:48].ljust(48))
 
-        sweep = Sweep(cfg, run_dir, resume=resume, retry_failed=retry_failed, progress=progress)
+        sweep.progress = progress
         counts = sweep.run()
     for w in sweep.warnings:
         err_console.print(f"[yellow]warning:[/] {w}")
@@ -179,16 +186,10 @@ def env() -> None:
     print(json.dumps(info, indent=1, default=str))
 
 
-# -- commands defined in other modules register here, one line each --------------------
-from dqprof.analysis.cli import report  # noqa: E402
-
+# -- commands defined in other modules -----------------------------------------------
 app.command()(report)
-from dqprof.gate_cli import merge, regress  # noqa: E402
-
 app.command()(regress)
 app.command()(merge)
-from dqprof.fullmodel.cli import model_app  # noqa: E402
-
 app.add_typer(model_app, name="model")
 
 
@@ -196,5 +197,7 @@ def main() -> None:
     try:
         app()
     except DqprofError as e:
-        err_console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        # markup off: messages quote user input and pip extras like ".[vllm]" verbatim
+        err_console.print(f"error: {e}", style="red", markup=False, highlight=False,
+                          soft_wrap=True)
         sys.exit(e.exit_code)

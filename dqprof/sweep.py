@@ -10,11 +10,12 @@ from __future__ import annotations
 import datetime as dt
 import math
 import time
-import tomllib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from dqprof.errors import DqprofError
 from dqprof.kernels import Backend, parse_backends
@@ -26,8 +27,8 @@ from dqprof.results import (
     kernels_path,
     load_records,
     point_key,
-    rewrite_records,
     read_run,
+    rewrite_records,
     write_run,
 )
 
@@ -151,6 +152,11 @@ class Sweep:
         self.idle_power_w: float | None = None
         self.power_limit_w: float | None = None
         self.l2_bytes = CPU_CACHE_BYTES
+        # fail before any work (and before a progress bar) on the errors users make most
+        self._check_device()
+        if kernels_path(self.run_dir).exists() and not resume:
+            raise DqprofError(f"{self.run_dir} already holds results: pass --resume to "
+                              f"continue it, or choose another -o")
 
     # -- setup -----------------------------------------------------------------------
     def _check_device(self) -> None:
@@ -166,9 +172,6 @@ class Sweep:
         path = kernels_path(self.run_dir)
         if not path.exists():
             return set()
-        if not self.resume:
-            raise DqprofError(f"{self.run_dir} already holds results: pass --resume to "
-                              f"continue it, or choose another -o")
         records = load_records(path)
         if self.retry_failed:
             records = [r for r in records if r["status"] != "failed"]
@@ -178,7 +181,6 @@ class Sweep:
     def _setup(self) -> dict[str, Any]:
         from dqprof.measure.environment import environment
 
-        self._check_device()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         info = read_run(self.run_dir) if self.resume else {}
         env = environment(self.cfg.device)
@@ -264,7 +266,8 @@ class Sweep:
         dev = self.cfg.device
         try:
             gen = torch.Generator(device="cpu").manual_seed(self.cfg.seed)
-            weight = (torch.randn(g.shape.n, g.shape.k, generator=gen) * 0.02).to(dev, torch.bfloat16)
+            weight = torch.randn(g.shape.n, g.shape.k, generator=gen) * 0.02
+            weight = weight.to(dev, torch.bfloat16)
             states = [g.backend.prepare(weight, g.shape)]
             del weight
             copies = self._copies(g)

@@ -4,9 +4,10 @@ Decode with batch B runs every layer at M = B once per step of B tokens; prefill
 prompt runs every layer at M = T, except per-sequence layers (lm_head: logits of the last
 token only), which run at M = 1 once per prompt. Per token: calls_per_token x figure(M) / tokens.
 A layer a path does not run (lm_head stays bf16 under vLLM's quantizations; a shape the path
-cannot take; a failed point) uses the bf16 record of that layer, and says so. An M that was
-not measured is interpolated in log-log between measured M, or the nearest measured M is used
-outside the measured range (see interp.py); each row states which.
+cannot take) uses the bf16 record of that layer, and says so. An M that was not measured is
+interpolated in log-log between measured M, or the nearest measured M is used outside the
+range the path was run at (see interp.py); each row states which. A path that failed at an M
+inside its range has no total for that scenario: it is left out and listed, never filled.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def per_token(points: pd.DataFrame, scenario: Scenario, metric: str = "energy_j"
     # a path with no ok point at all (not runnable here) is left out, not filled with bf16
     series = [s for s in series_order(ok) if not s.startswith(DEQUANT)]
     rows, left_out = [], []
+    incomplete: set[str] = set()
     for s in series:
         for lay in _layers(points).itertuples():
             m = scenario.m_for(lay.per_sequence)
@@ -65,10 +67,15 @@ def per_token(points: pd.DataFrame, scenario: Scenario, metric: str = "energy_j"
                 used, note = refs[s], f"{refs[s]} record used ({why})"
                 own = ok[(ok["series"] == used) & (ok["layer"] == lay.layer)]
             at = value_at(own["m"], own[metric], m)
+            tried = points[(points["series"] == used) & (points["layer"] == lay.layer)]["m"]
+            if at is not None and at.method == "nearest" and tried.min() <= m <= tried.max():
+                # the path was run at this M and failed there: a neighbour is no stand-in
+                at = None
             if at is None:
                 word = "energy" if metric == "energy_j" else "time"
-                left_out.append(f"{scenario.label}, {s}: {lay.layer} has no {word} figure in "
-                                f"{used}'s records; its per-token total leaves the layer out")
+                left_out.append(f"{scenario.label}, {s}: {lay.layer} has no {word} figure at "
+                                f"M={m} in {used}'s records (failed or not measured)")
+                incomplete.add(s)
                 continue
             rows.append({"series": s, "layer": lay.layer, "group": lay.group, "m": m,
                          "source": used, "substituted": used != s, "how": at.how,
@@ -78,6 +85,10 @@ def per_token(points: pd.DataFrame, scenario: Scenario, metric: str = "energy_j"
                          "note": note})
     cols = ["series", "layer", "group", "m", "source", "substituted", "how", "interpolated",
             "per_call", "calls_per_token", "per_token", "note"]
+    # a total missing a layer would look cheaper than it is: such a path leaves the scenario
+    for s in sorted(incomplete):
+        left_out.append(f"{scenario.label}: {s} left out (no total without every layer)")
+    rows = [r for r in rows if r["series"] not in incomplete]
     return pd.DataFrame(rows, columns=cols), left_out
 
 

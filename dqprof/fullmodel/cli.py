@@ -150,7 +150,10 @@ def reconcile_cmd(
     ok = [r for r in recs if r["status"] == "ok"]
     if not ok:
         raise DqprofError(f"{run_dir}: no ok model records to reconcile")
-    shapes = linear_shapes(load_config(model or ok[0]["checkpoint"]))
+    if model is None:  # the checkpoint where it was run, else its config by name (bundled)
+        ck = Path(str(ok[0].get("checkpoint", "")))
+        model = str(ck) if (ck / "config.json").exists() else ok[0]["model"]
+    shapes = linear_shapes(load_config(model))
     krecs = load_records(kernels)
     rows = reconcile(ok, krecs, shapes, above_idle)
     if plot is not None:

@@ -100,6 +100,9 @@ def _time(rec: dict[str, Any]) -> float | None:
 
 
 def _interp(points: dict[int, float], m: int) -> tuple[float | None, str, tuple[int, ...]]:
+    if set(points) == {0}:  # a backend whose work does not depend on M records m=0
+        return points[0], "m-independent", (0,)
+    points = {x: v for x, v in points.items() if x > 0}
     if not points:
         return None, "missing", ()
     if m in points:

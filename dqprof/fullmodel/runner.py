@@ -4,8 +4,8 @@ Before any engine starts, every checkpoint is checked against its config (``pref
 against the quantization asked of it. Each worker gets an even share of the time budget
 still left (and a hard timeout); a crash, an OOM or a timeout becomes a failed record for
 each point the worker did not record, and the next quantization runs. run.json holds the
-run's configuration, the host environment and, per worker, its GPU, idle power, vLLM engine
-settings (attention backend included), versions, exit status and log file.
+run's configuration and host environment per session and, per worker of a session, its GPU,
+idle power, vLLM engine settings (attention backend included), versions, exit status, log.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ QUANTS: dict[str, tuple[str | None, str]] = {
 MIN_WORKER_S = 60.0  # below this a worker cannot even start an engine
 KILL_GRACE_S = 60.0  # past its share, a worker finishing a point is given this long
 # the backslash keeps rich (dqprof.cli.main prints errors as markup) from eating "[vllm]"
-VLLM_HINT = 'vLLM is not installed here: pip install -e ".\\[vllm]"'
+VLLM_HINT = 'vLLM is not installed here: pip install -e ".[vllm]"'
 
 
 @dataclass
@@ -146,17 +146,20 @@ class Runner:
             raise DqprofError(VLLM_HINT, exit_code=3)
         start = time.time()
         out = Path(cfg.out)
+        info = read_run(out) or {"schema": SCHEMA_VERSION, "kind": "model", "created": _now()}
+        if info.get("kind") != "model":
+            raise DqprofError(f"{out} holds a '{info.get('kind')}' run: give model runs their "
+                              f"own folder (-o)")
         (out / "logs").mkdir(parents=True, exist_ok=True)
         before = load_model_records(out) if model_path(out).exists() else []
         done = {r["key"] for r in before if r["status"] == "ok"}  # a rerun resumes
-        info = read_run(out) or {"schema": SCHEMA_VERSION, "kind": "model", "created": _now()}
         info.setdefault("sessions", []).append(
             {"started": _now(), "config": cfg.as_dict(), "environment": _host_environment(),
              "checkpoints": {str(p): {"name": i.name, "format": i.format,
                                       "quantized_linears": i.quantized,
                                       "unquantized_linears": i.unquantized_linears,
-                                      "warnings": i.warnings} for p, i in self.infos.items()}})
-        info.setdefault("workers", {})
+                                      "warnings": i.warnings} for p, i in self.infos.items()},
+             "workers": {}})
         write_run(out, info)
         counts = {"ok": 0, "skipped": 0, "failed": 0, "already": 0}
         for i, (quant, path) in enumerate(cfg.quants):
@@ -176,7 +179,7 @@ class Runner:
                           + (f", {share:.0f} s budget" if share else ""))
             worker = self._run_worker(out, quant, ck, todo, share, left)
             info = read_run(out)
-            info.setdefault("workers", {})[quant] = worker
+            info["sessions"][-1]["workers"][quant] = worker
             write_run(out, info)
         for r in load_model_records(out)[len(before):]:
             counts[r["status"]] += 1

@@ -7,9 +7,10 @@ values (``packing``), so bf16, GPTQ and AWQ checkpoints of one seed hold the sam
 
 What is quantized and what is not is ``layout``'s table (see its docstring); config.json
 repeats it under ``dqprof_synth`` and, for vLLM, in quantization_config
-(``modules_in_block_to_quantize`` for GPTQ, ``modules_to_not_convert`` for AWQ: left empty,
-vLLM derives AWQ's list from the tensor dtypes, and ``model.layers.1`` - the prefix of a
-bf16 layer_scalar - would then skip every linear of layers 1, 10-19 by substring).
+(``modules_in_block_to_quantize`` for GPTQ, ``modules_to_not_convert`` for AWQ. Left empty,
+vLLM 0.20.2 derives AWQ's list from the tensor dtypes: each layer's bf16 ``layer_scalar``
+makes ``model.layers.{i}`` a module "not to convert", and AWQ matches that list by substring,
+so every linear of every layer would be loaded as bf16 and the int4 tensors would not fit).
 
 Shards hold at most ``shard_bytes`` (4 GB) except where one tensor is larger
 (embed_tokens_per_layer of E4B, 5.6 GB, gets a shard of its own, as transformers does).
@@ -179,10 +180,12 @@ def source_tensor(spec: TensorSpec, seed: int, std: float, device: str) -> torch
         return torch.ones(spec.shape, dtype=torch.bfloat16, device=device)
     gen = torch.Generator(device=device).manual_seed(tensor_seed(seed, spec.name))
     rows, cols = spec.shape[0], math.prod(spec.shape[1:])
-    step = max(1, CHUNK_ELEMS // cols)
-    parts = [(torch.randn(min(step, rows - r), cols, generator=gen, device=device) * std)
-             .to(torch.bfloat16) for r in range(0, rows, step)]
-    return torch.cat(parts).reshape(spec.shape)
+    out = torch.empty(rows, cols, dtype=torch.bfloat16, device=device)
+    step = max(1, CHUNK_ELEMS // cols)  # fp32 draws in chunks: PLE's table is 2.8 G values
+    for r in range(0, rows, step):
+        chunk = torch.randn(min(step, rows - r), cols, generator=gen, device=device)
+        out[r:r + chunk.shape[0]] = chunk * std
+    return out.reshape(spec.shape)
 
 
 def plan_units(fields: dict[str, Any], fmt: str, shared_kv_weights: bool = True) -> list[Unit]:
@@ -219,7 +222,7 @@ def unit_tensors(u: Unit, fmt: str, seed: int, std: float, device: str
 
 def _prepare_dir(out: Path, force: bool) -> None:
     if out.exists() and any(out.iterdir()):
-        ours = [p for p in out.iterdir() if p.name == "config.json"
+        ours = [p for p in out.iterdir() if p.name in ("config.json", "generation_config.json")
                 or p.name.startswith("model") and ".safetensors" in p.name]
         if not force:
             raise DqprofError(f"{out} is not empty: pass --force to overwrite a checkpoint "
@@ -271,6 +274,9 @@ def synthesize(model: str, out: Path, opts: SynthOptions,
     # index and config last: a killed synth leaves no checkpoint that looks complete
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out / INDEX).write_text(json.dumps(index, indent=1) + "\n")
+    # what save_pretrained writes beside the config; vLLM reads it for default sampling
+    gen = {k: fields[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in fields}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=1) + "\n")
     raw = config_json(fields, name, opts, cfg.source)
     tmp = out / "config.json.tmp"
     tmp.write_text(json.dumps(raw, indent=1) + "\n")

@@ -28,18 +28,22 @@ def _median_event_time(fn, repeats: int = 10, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def measure_ceilings() -> dict[str, float]:
+def _copy_bandwidth() -> float:
     src = torch.empty(COPY_BYTES, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     src.random_()
-    t = _median_event_time(lambda: dst.copy_(src))
-    bandwidth = 2 * COPY_BYTES / t
-    del src, dst
+    return 2 * COPY_BYTES / _median_event_time(lambda: dst.copy_(src))
+
+
+def _matmul_rate() -> float:
     a = torch.randn(MATMUL_N, MATMUL_N, dtype=torch.bfloat16, device="cuda")
     b = torch.randn_like(a)
-    t = _median_event_time(lambda: a @ b)
-    flops = 2 * MATMUL_N**3 / t
-    del a, b
+    return 2 * MATMUL_N**3 / _median_event_time(lambda: a @ b)
+
+
+def measure_ceilings() -> dict[str, float]:
+    bandwidth = _copy_bandwidth()
+    flops = _matmul_rate()
     torch.cuda.empty_cache()
     return {"copy_bytes_per_s": bandwidth, "bf16_flop_per_s": flops,
             "method": f"median of 10: {COPY_BYTES >> 20} MiB D2D copy (read+write); "

@@ -73,7 +73,8 @@ def measure_energy(replay: Replay, nvml: Nvml, per_call_s: float, window_s: floa
         return done
 
     def feed() -> None:
-        if len(events) - completed() < LEAD_CHUNKS:
+        # top the queue up, not one chunk per poll: a slow NVML read must not starve the GPU
+        while len(events) - completed() < LEAD_CHUNKS:
             for _ in range(chunk):
                 replay()
             ev = torch.cuda.Event()

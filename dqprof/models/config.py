@@ -16,7 +16,8 @@ BUNDLED_DIR = "configs"
 def bundled_models() -> list[str]:
     """Names of the configs that ship with dqprof (``dqprof shapes --model NAME``)."""
     folder = resources.files("dqprof.models") / BUNDLED_DIR
-    return sorted(p.name.removesuffix(".json") for p in folder.iterdir() if p.name.endswith(".json"))
+    return sorted(p.name.removesuffix(".json") for p in folder.iterdir()
+                  if p.name.endswith(".json"))
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,8 @@ def load_config(model: str | Path) -> ModelConfig:
         p = p / "config.json"
     if not p.exists():
         known = ", ".join(bundled_models())
-        raise DqprofError(f"unknown model '{text}': not a bundled name ({known}) nor a config.json path")
+        raise DqprofError(f"unknown model '{text}': not a bundled name ({known}) "
+                          f"nor a config.json path")
     try:
         raw = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as e:
