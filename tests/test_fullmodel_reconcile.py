@@ -159,3 +159,12 @@ def test_cli_reconcile(tmp_path: Path) -> None:
     rows = json.loads(r.output)
     assert {row["phase"] for row in rows} == {"decode", "prefill"}
     assert (tmp_path / "fig-decode.png").exists()
+
+
+def test_m_independent_records() -> None:
+    from dqprof.fullmodel.reconcile import kernel_figures
+
+    s = next(s for s in SHAPES if s.name == "mlp.down_proj")
+    rec = {**KREC[0], "layer": s.name, "n": s.n, "k": s.k, "m": 0, "backend": "x",
+           "energy": {"j_per_call": 0.5}, "time": {"median_s": 1e-3}}
+    assert kernel_figures([rec], s, "x", 64) == (0.5, 1e-3, "m-independent", (0,))

@@ -324,8 +324,9 @@ def test_runner_records_crash_timeout_and_goes_on(tmp_path: Path, tiny_ckpt: Pat
     assert "timed out" in by[("bitsandbytes", 1)]["reason"]
     assert counts == {"ok": 1, "skipped": 0, "failed": 3, "already": 0}
     run = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert run["kind"] == "model" and run["workers"]["bf16"]["idle_power_w"] == 99.0
-    assert run["workers"]["bitsandbytes"]["timed_out"] is True
+    workers = run["sessions"][-1]["workers"]
+    assert run["kind"] == "model" and workers["bf16"]["idle_power_w"] == 99.0
+    assert workers["bitsandbytes"]["timed_out"] is True
     assert (tmp_path / "run" / "logs" / "bf16.log").exists()
     spec = json.loads((tmp_path / "run" / "logs" / "bf16.spec.json").read_text())
     assert spec["engine"]["max_num_seqs"] == 2 and spec["vllm_quantization"] is None
@@ -392,7 +393,8 @@ def test_worker_end_to_end_with_stand_in_vllm(tmp_path: Path, tiny_ckpt: Path,
     assert r["windows"]["full"]["seconds"] >= 0.05 and r["decode"]["j_per_token"] is None
     assert r["engine"]["vllm_kwargs"]["compilation_config"]["cudagraph_capture_sizes"] == [1, 2]
     run = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert run["workers"]["bf16"]["rc"] == 0 and run["workers"]["bf16"]["energy_note"]
+    worker = run["sessions"][-1]["workers"]["bf16"]
+    assert worker["rc"] == 0 and worker["energy_note"] and worker["engine"]["dtype"]
 
 
 def test_quant_names_and_checks(tiny_ckpt: Path) -> None:
@@ -447,3 +449,13 @@ def test_cli_run_without_vllm_says_how_to_install(tiny_ckpt: Path, tmp_path: Pat
     assert code == 3
     assert 'pip install -e ".[vllm]"' in " ".join(out.split())
     assert not (tmp_path / "run").exists()
+
+
+def test_runner_keeps_out_of_kernel_run_folders(tmp_path: Path, tiny_ckpt: Path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text('{"kind": "kernels"}')
+    cfg = RunConfig(quants=parse_quants("bf16", tiny_ckpt), workloads=W.parse_workloads("16:4"),
+                    batches=(1,), out=tmp_path / "run", worker_cmd=["true"])
+    with pytest.raises(DqprofError, match="'kernels' run"):
+        Runner(cfg).run()
+    assert not (tmp_path / "run" / "logs").exists()

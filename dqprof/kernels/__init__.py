@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+
 from dqprof.errors import DqprofError
 from dqprof.kernels.base import Backend
 
