@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,8 @@ def write_run(run_dir: Path, info: dict[str, Any]) -> None:
 class RecordWriter:
     """Appends records, one line each, durable before the next point starts."""
 
-    def __init__(self, run_dir: Path):
-        self.path = kernels_path(run_dir)
+    def __init__(self, run_dir: Path, filename: str = KERNELS_FILE):
+        self.path = Path(run_dir) / filename
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _drop_torn_tail(self.path)
         self._f = self.path.open("a")
@@ -97,13 +98,16 @@ def _drop_torn_tail(path: Path) -> None:
         f.truncate(cut)
 
 
-def load_records(path: Path, allow_torn_tail: bool = True) -> list[dict[str, Any]]:
-    """Every record of a kernels.jsonl (or a run folder), validated."""
+def load_records(path: Path, allow_torn_tail: bool = True, filename: str = KERNELS_FILE,
+                 check: Callable[[Any], str | None] | None = None) -> list[dict[str, Any]]:
+    """Every record of a results file (or of ``filename`` in a run folder), validated by
+    ``check`` (default: the kernel-record schema)."""
     path = Path(path)
     if path.is_dir():
-        path = kernels_path(path)
+        path = path / filename
     if not path.exists():
         raise DqprofError(f"{path}: no such results file")
+    check = check or validate
     lines = path.read_text().split("\n")
     torn_tail = lines[-1] != ""
     records = []
@@ -116,7 +120,7 @@ def load_records(path: Path, allow_torn_tail: bool = True) -> list[dict[str, Any
             if i == len(lines) and torn_tail and allow_torn_tail:
                 break  # the point in flight when a sweep was killed; it will be redone
             raise DqprofError(f"{path}:{i}: corrupt record ({e.msg})") from e
-        problem = validate(rec)
+        problem = check(rec)
         if problem:
             raise DqprofError(f"{path}:{i}: {problem}")
         records.append(rec)

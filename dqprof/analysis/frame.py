@@ -23,7 +23,8 @@ NF4 = "bnb-nf4"  # the runtime-dequantization path the tool is about
 DEQUANT_METERED = {NF4: DEQUANT}  # path -> backend that meters its dequantize kernels alone
 KEY = ["layer", "m", "backend", "variant"]  # what runs are aligned on
 # energy flags that make a figure unusable (kept: "few counter ticks", noted instead)
-BAD_ENERGY = ("zero", "implausible")
+# "gpu idle": idle gaps inside the window would be charged to the calls
+BAD_ENERGY = ("zero", "implausible", "gpu idle")
 
 
 def default_profile() -> Path:

@@ -1,18 +1,15 @@
 """model.jsonl: one record per (quantization, workload, batch), appended durably.
 
-Same conventions as kernels.jsonl (dqprof.results): one JSON object a line, flushed and
+The writer and loader of kernels.jsonl (dqprof.results): one JSON object a line, flushed and
 fsynced per record, a torn last line dropped; ``schema`` and ``kind: "model"`` on every line.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
-from dqprof.errors import DqprofError
-from dqprof.results import SCHEMA_VERSION, STATUSES
+from dqprof.results import SCHEMA_VERSION, STATUSES, RecordWriter, load_records
 
 MODEL_FILE = "model.jsonl"
 REQUIRED = ("schema", "kind", "key", "model", "quant", "workload", "batch", "status")
@@ -34,30 +31,11 @@ def base_record(model: str, quant: str, workload: str, input_len: int, output_le
             "batch": batch}
 
 
-class ModelRecordWriter:
+class ModelRecordWriter(RecordWriter):
+    """kernels.jsonl's writer (append, flush, fsync, torn tail dropped) on model.jsonl."""
+
     def __init__(self, run_dir: Path):
-        self.path = model_path(run_dir)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists() and self.path.stat().st_size:
-            data = self.path.read_bytes()
-            if not data.endswith(b"\n"):  # a kill mid-write: drop the torn line
-                with self.path.open("r+b") as f:
-                    f.truncate(data.rfind(b"\n") + 1)
-        self._f = self.path.open("a")
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(record, sort_keys=True, default=str) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-
-    def close(self) -> None:
-        self._f.close()
-
-    def __enter__(self) -> ModelRecordWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        super().__init__(run_dir, MODEL_FILE)
 
 
 def validate(rec: Any) -> str | None:
@@ -75,26 +53,7 @@ def validate(rec: Any) -> str | None:
 
 def load_model_records(path: Path) -> list[dict[str, Any]]:
     """Every record of a model.jsonl (or a run folder holding one), validated."""
-    path = Path(path)
-    if path.is_dir():
-        path = model_path(path)
-    if not path.exists():
-        raise DqprofError(f"{path}: no such model results file")
-    records = []
-    lines = path.read_text().split("\n")
-    for i, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            if i == len(lines):
-                break  # torn tail of a killed run
-            raise DqprofError(f"{path}:{i}: corrupt record ({e.msg})") from e
-        if problem := validate(rec):
-            raise DqprofError(f"{path}:{i}: {problem}")
-        records.append(rec)
-    return records
+    return load_records(path, filename=MODEL_FILE, check=validate)
 
 
 def latest(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -42,7 +42,8 @@ def _reference(shards: list[tuple[torch.Tensor, Any]]) -> torch.Tensor:
 
 
 def _fused_path(kernels: list[dict] | None) -> bool:
-    """True when no dequantize kernel ran (bitsandbytes' fused gemm_4bit took the call)."""
+    """True when no dequantize kernel ran (bitsandbytes' fused gemm_4bit took the call);
+    without an attribution (CPU runs) the fused path's minimum bytes are counted."""
     if kernels is None:
         return True
     return not any(k.get("category") == "dequant" for k in kernels)
@@ -79,23 +80,17 @@ class BnbNf4(Backend):
 
 
 @register
-class BnbDequant(Backend):
+class BnbDequant(BnbNf4):
+    """The same quantized shards as bnb-nf4; only the dequantize kernels run."""
+
     name = "bnb-dequant"
     description = "bitsandbytes dequantize_4bit alone, per shard: the dequantization tax"
-    requires = ("bitsandbytes",)
-    devices = ("cuda", "cpu")
     m_independent = True
-
-    def prepare(self, weight: torch.Tensor, shape: LinearShape) -> list:
-        return _quantize_shards(weight, shape)
 
     def __call__(self, state: list, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         from bitsandbytes.functional import dequantize_4bit
 
         return tuple(dequantize_4bit(packed, qs) for packed, qs in state)
-
-    def reference(self, state: list) -> torch.Tensor:
-        return _reference(state)
 
     def expected(self, state: list, x: torch.Tensor) -> torch.Tensor:
         return self.reference(state)

@@ -22,6 +22,7 @@ from dqprof.measure.timing import Replay
 CHUNK_S = 5e-3  # device time per chunk of replays (the resolution of the call count)
 LEAD_CHUNKS = 8  # chunks queued ahead of the GPU, so it never idles while we poll
 RAMP_S = 0.2  # busy time before the window opens (clocks and power settle)
+MAX_IDLE_FRAC = 0.02  # a window whose GPU idled longer than this is flagged
 
 
 @dataclass
@@ -35,6 +36,7 @@ class EnergyStats:
     calls: int  # calls completed inside the window
     s_per_call_in_window: float | None  # window over calls: cross-checks the timed median
     flag: str | None  # None, or why the figure is doubtful
+    gpu_idle_frac: float | None = None  # device time between the window's chunks / its span
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -63,23 +65,26 @@ def measure_energy(replay: Replay, nvml: Nvml, per_call_s: float, window_s: floa
                    idle_power_w: float | None, power_limit_w: float | None) -> EnergyStats:
     replay_s = max(per_call_s * replay.calls, 1e-7)
     chunk = max(1, round(CHUNK_S / replay_s))
-    events: list[torch.cuda.Event] = []
+    # (start, end) timing events around each chunk: the ends count completed calls, and the
+    # gaps between one chunk's end and the next one's start show whether the GPU ever idled
+    events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
     done = 0  # chunks known complete
 
     def completed() -> int:
         nonlocal done
-        while done < len(events) and events[done].query():
+        while done < len(events) and events[done][1].query():
             done += 1
         return done
 
     def feed() -> None:
         # top the queue up, not one chunk per poll: a slow NVML read must not starve the GPU
         while len(events) - completed() < LEAD_CHUNKS:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
             for _ in range(chunk):
                 replay()
-            ev = torch.cuda.Event()
-            ev.record()
-            events.append(ev)
+            end.record()
+            events.append((begin, end))
 
     start = time.perf_counter()
     while time.perf_counter() - start < RAMP_S:
@@ -99,6 +104,7 @@ def measure_energy(replay: Replay, nvml: Nvml, per_call_s: float, window_s: floa
 
     joules, dt = (e1 - e0) / 1e3, t1 - t0
     calls = (c1 - c0) * chunk * replay.calls
+    idle_frac = _idle_fraction(events[c0:c1])
     power = joules / dt if dt > 0 else None
     flag = None
     if joules <= 0 or calls == 0:
@@ -109,7 +115,18 @@ def measure_energy(replay: Replay, nvml: Nvml, per_call_s: float, window_s: floa
         flag = "implausible: power below idle"
     elif ticks < 5:
         flag = f"few counter ticks ({ticks})"
+    elif idle_frac is not None and idle_frac > MAX_IDLE_FRAC:
+        flag = f"gpu idle {idle_frac:.1%} of the window (host could not keep it fed)"
     per_call = joules / calls if calls else None
     above = (joules - idle_power_w * dt) / calls if calls and idle_power_w is not None else None
     return EnergyStats(per_call, above, power, idle_power_w, dt, ticks, calls,
-                       dt / calls if calls else None, flag)
+                       dt / calls if calls else None, flag, idle_frac)
+
+
+def _idle_fraction(chunks: list[tuple[torch.cuda.Event, torch.cuda.Event]]) -> float | None:
+    """Share of the chunks' device span not spent inside a chunk (launch gaps)."""
+    if len(chunks) < 2:
+        return None
+    span = chunks[0][0].elapsed_time(chunks[-1][1])
+    busy = sum(b.elapsed_time(e) for b, e in chunks)
+    return max(0.0, 1 - busy / span) if span > 0 else None
