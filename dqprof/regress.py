@@ -30,7 +30,7 @@ from typing import Any
 from xml.etree import ElementTree as ET
 
 from dqprof.errors import DqprofError
-from dqprof.results import KERNELS_FILE, RUN_FILE, load_records
+from dqprof.results import KERNELS_FILE, RUN_FILE, dig, load_records
 
 NOISE_K = 2.0
 # measure.energy.CHUNK_S (not imported: that module pulls in torch). The energy window counts
@@ -124,19 +124,13 @@ def load_side(path: Path) -> Side:
         if rec["key"] in by_key:  # resume never redoes a key, so a repeat means a bad concat
             raise DqprofError(f"{file}: key '{rec['key']}' appears twice (use `dqprof merge` "
                               f"to join runs)")
-        if rec["status"] == "ok" and not _positive(_get(rec, "time", "median_s")):
+        if rec["status"] == "ok" and not _positive(dig(rec, "time", "median_s")):
             raise DqprofError(f"{file}: ok record '{rec['key']}' has no time.median_s")
         by_key[rec["key"]] = rec
     run_path = run_json_for(path)
     return Side(path, by_key, read_json(run_path), run_path)
 
 
-def _get(d: Any, *keys: str) -> Any:
-    for k in keys:
-        if not isinstance(d, dict):
-            return None
-        d = d.get(k)
-    return d
 
 
 def _positive(x: Any) -> bool:
@@ -184,7 +178,7 @@ class Point:
 
 
 def time_noise(rec: dict[str, Any]) -> float:
-    s = _get(rec, "time", "rel_spread")
+    s = dig(rec, "time", "rel_spread")
     return float(s) if isinstance(s, int | float) and math.isfinite(s) and s > 0 else 0.0
 
 
@@ -196,10 +190,10 @@ def energy_noise(rec: dict[str, Any]) -> float:
     cap (clocks sag as the board heats), and exactly those points moved up to 7 % in energy
     between two back-to-back runs of one commit; quiet points keep a gap of 1-2 %.
     """
-    window = _get(rec, "energy", "window_s")
+    window = dig(rec, "energy", "window_s")
     edge = 2 * ENERGY_EDGE_S / window if _positive(window) else 0.0
     drift = 0.0
-    sustained, burst = _get(rec, "energy", "s_per_call_in_window"), _get(rec, "time", "median_s")
+    sustained, burst = dig(rec, "energy", "s_per_call_in_window"), dig(rec, "time", "median_s")
     if _positive(sustained) and _positive(burst):
         drift = abs(sustained / burst - 1)
     return math.sqrt(time_noise(rec) ** 2 + edge**2 + drift**2)
@@ -211,8 +205,8 @@ def compare_point(key: str, base: dict[str, Any], cur: dict[str, Any], gate: Gat
     changes = [Change("time", base["time"]["median_s"], cur["time"]["median_s"],
                       k * math.hypot(time_noise(base), time_noise(cur)), gate.max_slowdown)]
     notes = []
-    eb, ec = _get(base, "energy", "j_per_call"), _get(cur, "energy", "j_per_call")
-    flags = [f for f in (_get(base, "energy", "flag"), _get(cur, "energy", "flag")) if f]
+    eb, ec = dig(base, "energy", "j_per_call"), dig(cur, "energy", "j_per_call")
+    flags = [f for f in (dig(base, "energy", "flag"), dig(cur, "energy", "flag")) if f]
     if _positive(eb) and _positive(ec) and not flags:
         changes.append(Change("energy", eb, ec, k * math.hypot(energy_noise(base),
                                                                energy_noise(cur)),
@@ -235,11 +229,11 @@ def compare_point(key: str, base: dict[str, Any], cur: dict[str, Any], gate: Gat
 def gpu_state_notes(base: dict[str, Any], cur: dict[str, Any]) -> list[str]:
     """What the GPU was doing during the current point that it was not doing in the baseline."""
     notes = []
-    others = _get(cur, "gpu_state", "other_processes")
+    others = dig(cur, "gpu_state", "other_processes")
     if others:
         notes.append(f"{others} other process(es) on the GPU")
-    before = set(_get(base, "gpu_state", "throttle") or ())
-    now = (set(_get(cur, "gpu_state", "throttle") or ()) & SLOWDOWN_REASONS) - before
+    before = set(dig(base, "gpu_state", "throttle") or ())
+    now = (set(dig(cur, "gpu_state", "throttle") or ()) & SLOWDOWN_REASONS) - before
     if now:
         notes.append(f"throttled now: {', '.join(sorted(now))}")
     return notes
@@ -247,7 +241,7 @@ def gpu_state_notes(base: dict[str, Any], cur: dict[str, Any]) -> list[str]:
 
 def median_sm_clock(side: Side) -> float | None:
     clocks = sorted(c for r in side.records.values()
-                    if _positive(c := _get(r, "gpu_state", "sm_clock_mhz")))
+                    if _positive(c := dig(r, "gpu_state", "sm_clock_mhz")))
     return clocks[len(clocks) // 2] if clocks else None
 
 
@@ -282,7 +276,7 @@ def environment_warnings(base: Side, cur: Side) -> list[str]:
     if not (base.run and cur.run):
         return out
     for label, keys in ENV_FIELDS:
-        b, c = _get(base.run, *keys), _get(cur.run, *keys)
+        b, c = dig(base.run, *keys), dig(cur.run, *keys)
         if b != c:
             out.append(f"{label} differs: baseline {b!r}, current {c!r} (re-baseline on this "
                        f"runner's GPU and stack if this is intended)")
@@ -291,7 +285,7 @@ def environment_warnings(base: Side, cur: Side) -> list[str]:
         out.append(f"median SM clock during the points differs: baseline {b:.0f} MHz, current "
                    f"{c:.0f} MHz (clocks locked on one side only? see docs/ci.md)")
     for name in CONFIG_FIELDS:
-        b, c = _get(base.run, "config", name), _get(cur.run, "config", name)
+        b, c = dig(base.run, "config", name), dig(cur.run, "config", name)
         if b != c:
             out.append(f"sweep setting {name} differs: baseline {b!r}, current {c!r}")
     return out
@@ -383,12 +377,12 @@ def to_markdown(report: Report) -> str:
     """A summary that fits $GITHUB_STEP_SUMMARY: headline first, details folded away."""
     g = report.gate
     icon = "❌" if report.exit_code else "✅"
-    b_commit = _get(report.baseline.run, "environment", "git", "commit") or "?"
-    c_commit = _get(report.current.run, "environment", "git", "commit") or "?"
+    b_commit = dig(report.baseline.run, "environment", "git", "commit") or "?"
+    c_commit = dig(report.current.run, "environment", "git", "commit") or "?"
     lines = [f"## {icon} {report.headline()}", "",
              f"baseline `{report.baseline.path}` (commit `{b_commit[:12]}`), "
              f"current `{report.current.path}` (commit `{c_commit[:12]}`), "
-             f"GPU {_get(report.current.run, 'environment', 'gpu', 'name') or '?'}.", "",
+             f"GPU {dig(report.current.run, 'environment', 'gpu', 'name') or '?'}.", "",
              f"A regression is a change beyond both the threshold (time +{g.max_slowdown:.1%}, "
              f"energy +{g.max_energy_increase:.1%}) and the point's noise band "
              f"({g.noise_k:g} × the root-sum-square of both sides' relative spreads).", ""]

@@ -127,18 +127,31 @@ def load_records(path: Path, allow_torn_tail: bool = True, filename: str = KERNE
     return records
 
 
-def validate(rec: Any) -> str | None:
+def validate(rec: Any, required: tuple[str, ...] = REQUIRED, kind: str | None = None
+             ) -> str | None:
+    """Why ``rec`` is not a record of this schema (and of ``kind`` if given), or None."""
     if not isinstance(rec, dict):
         return "record is not a JSON object"
-    missing = [f for f in REQUIRED if f not in rec]
+    missing = [f for f in required if f not in rec]
     if missing:
         return f"record lacks {', '.join(missing)}"
+    if kind is not None and rec.get("kind") != kind:
+        return f"not a {kind} record (kind {rec.get('kind')!r})"
     if rec["schema"] != SCHEMA_VERSION:
         return (f"schema version {rec['schema']} (this dqprof reads {SCHEMA_VERSION}); "
                 f"use the dqprof release that wrote it")
     if rec["status"] not in STATUSES:
         return f"unknown status '{rec['status']}'"
     return None
+
+
+def dig(rec: Any, *path: str) -> Any:
+    """rec[a][b]... or None where any level is missing or not a dict."""
+    for p in path:
+        if not isinstance(rec, dict):
+            return None
+        rec = rec.get(p)
+    return rec
 
 
 def to_frame(records: list[dict[str, Any]]):

@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from dqprof.errors import DqprofError
-from dqprof.results import KERNELS_FILE, SCHEMA_VERSION, load_records, read_run
+from dqprof.results import KERNELS_FILE, SCHEMA_VERSION, dig, load_records, read_run
 
 REFERENCE = "bf16"  # the path every quantized path is compared with
 DEQUANT = "bnb-dequant"  # the dequantize kernels alone (m=0, one record per layer)
@@ -95,12 +95,6 @@ class Run:
         return bool(self.ok["kernels"].map(lambda k: bool(k)).any())
 
 
-def _get(rec: dict[str, Any], *path: str) -> Any:
-    for p in path:
-        if not isinstance(rec, dict):
-            return None
-        rec = rec.get(p)
-    return rec
 
 
 def _num(v: Any) -> float:
@@ -111,7 +105,7 @@ def points_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per record; figures as floats (NaN where absent), unusable energy as NaN."""
     rows = []
     for r in records:
-        flag = _get(r, "energy", "flag")
+        flag = dig(r, "energy", "flag")
         bad = bool(flag) and str(flag).startswith(BAD_ENERGY)
         rows.append({
             "layer": r["layer"], "group": r.get("group") or r["layer"], "n": r["n"], "k": r["k"],
@@ -121,19 +115,19 @@ def points_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             "shards": tuple(r.get("shards") or (r["n"],)),
             "calls_per_token": r.get("calls_per_token", 1),
             "per_sequence": bool(r.get("per_sequence", False)),
-            "time_s": _num(_get(r, "time", "median_s")),
-            "time_spread": _num(_get(r, "time", "rel_spread")),
-            "energy_j": math.nan if bad else _num(_get(r, "energy", "j_per_call")),
-            "energy_above_idle_j": math.nan if bad else _num(_get(r, "energy",
+            "time_s": _num(dig(r, "time", "median_s")),
+            "time_spread": _num(dig(r, "time", "rel_spread")),
+            "energy_j": math.nan if bad else _num(dig(r, "energy", "j_per_call")),
+            "energy_above_idle_j": math.nan if bad else _num(dig(r, "energy",
                                                                   "j_per_call_above_idle")),
-            "energy_flag": flag, "power_w": _num(_get(r, "energy", "power_w")),
-            "bytes": _num(_get(r, "traffic", "total")),
-            "weight_bytes": _num(_get(r, "traffic", "weight")),
-            "scales_bytes": _num(_get(r, "traffic", "scales")),
-            "intermediate_bytes": _num(_get(r, "traffic", "intermediate")),
+            "energy_flag": flag, "power_w": _num(dig(r, "energy", "power_w")),
+            "bytes": _num(dig(r, "traffic", "total")),
+            "weight_bytes": _num(dig(r, "traffic", "weight")),
+            "scales_bytes": _num(dig(r, "traffic", "scales")),
+            "intermediate_bytes": _num(dig(r, "traffic", "intermediate")),
             "flops": _num(r.get("flops")), "intensity": _num(r.get("intensity")),
-            "flop_per_s": _num(_get(r, "achieved", "flop_per_s")),
-            "bytes_per_s": _num(_get(r, "achieved", "bytes_per_s")),
+            "flop_per_s": _num(dig(r, "achieved", "flop_per_s")),
+            "bytes_per_s": _num(dig(r, "achieved", "bytes_per_s")),
             "kernels": r.get("kernels"),
         })
     return pd.DataFrame(rows)  # record order kept: it is the sweep's (registry) order

@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dqprof.results import SCHEMA_VERSION, STATUSES, RecordWriter, load_records
+from dqprof.results import SCHEMA_VERSION, RecordWriter, load_records
+from dqprof.results import validate as validate_record
 
 MODEL_FILE = "model.jsonl"
 REQUIRED = ("schema", "kind", "key", "model", "quant", "workload", "batch", "status")
@@ -39,16 +40,7 @@ class ModelRecordWriter(RecordWriter):
 
 
 def validate(rec: Any) -> str | None:
-    if not isinstance(rec, dict):
-        return "record is not a JSON object"
-    missing = [f for f in REQUIRED if f not in rec]
-    if missing:
-        return f"record lacks {', '.join(missing)}"
-    if rec["schema"] != SCHEMA_VERSION or rec["kind"] != "model":
-        return f"not a model record of schema {SCHEMA_VERSION}"
-    if rec["status"] not in STATUSES:
-        return f"unknown status '{rec['status']}'"
-    return None
+    return validate_record(rec, REQUIRED, kind="model")
 
 
 def load_model_records(path: Path) -> list[dict[str, Any]]:
