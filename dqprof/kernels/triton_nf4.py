@@ -15,8 +15,9 @@ stay sector-efficient. The statistics differ: one plain absmax per block, fp16 b
 Decode: the 16 levels are a 32-byte fp16 table (one L1 sector, so a warp's gather is one
 wavefront); each nibble is one 16-bit gather, scaled by its block's absmax in fp32 and rounded
 to bf16 as bitsandbytes' dequantize rounds its product (the levels themselves carry fp16's
-2**-11 relative rounding, below bf16's 2**-9). The even/odd halves are interleaved back
-(``tl.join``) into the k-ordered tile the tensor cores multiply; x is read as plain
+2**-11 relative rounding, below bf16's 2**-9). The even/odd fp32 products are interleaved back
+(``tl.join``) into the k-ordered tile the tensor cores multiply, then rounded (in that order:
+triton 3.6 cannot compile the wgmma tiles otherwise, see the kernel); x is read as plain
 [BLOCK_M, BLOCK_K] tiles through Triton's software pipeline (``num_stages``).
 
 Why a 16-bit table and a hand-written prefetch: Triton's pipeliner sends every load of >= 32
@@ -33,8 +34,9 @@ not HBM, should bound it below HBM bandwidth; Marlin avoids both with weights pr
 into MMA fragment order and register bit tricks. That gap is part of what this path shows.
 
 Tiling, by M (``options`` 0 = this heuristic; any of them can be forced, e.g.
-``triton-nf4[block_n=16,block_k=32]``); warps are chosen to keep ptxas (sm_90) at <= ~150
-registers per thread without spills:
+``triton-nf4[block_n=16,block_k=32]``); warps are chosen to keep ptxas (sm_90) from spilling
+(tests/triton_compile_check.py --asm: with triton 3.6 the decode tiles take 165-168
+registers per thread, so 3 CTAs of 4 warps or 1 of 8 warps per SM; the others <= 155):
 
 * decode, M <= 16: memory-bound; one M tile of 16 rows, so every weight byte is read once.
   BLOCK_N 64 up to 8 rows, 128 beyond (every n-tile re-reads x from L2), BLOCK_K 128 (64-byte
@@ -162,9 +164,14 @@ def _nf4_mm_kernel(
         lo = tl.load(lut_ptr + (packed & 15).to(tl.int32)).to(tl.float32)
         scale = tl.reshape(tl.broadcast_to(absmax.to(tl.float32)[:, :, None],
                                            (BLOCK_N, NBLK, BPB)), (BLOCK_N, HALF))
-        w = tl.join((hi * scale).to(tl.bfloat16), (lo * scale).to(tl.bfloat16))
-        w = tl.reshape(w, (BLOCK_N, BLOCK_K))  # [n, c, 2] -> [n, 2c + nibble]: k order
-        acc = tl.dot(x, tl.trans(w), acc)
+        # Interleave the halves back into k order ([n, c, 2] -> [n, 2c + nibble]), then round
+        # to bf16. The rounding must come after the reshape, not before: for a wgmma dot
+        # (BLOCK_M >= 64 on sm_90) triton 3.6's optimize-dot-operands pass moves the operand's
+        # shared-memory copy up through the trans, then (ReshapeMemDesc) through a reshape
+        # right below it, onto the [n, c, 2] join, which has no legal NVMMA shared layout:
+        # "Illegal shared layout", "PassManager::run failed". The same values either way.
+        w = tl.reshape(tl.join(hi * scale, lo * scale), (BLOCK_N, BLOCK_K)).to(tl.bfloat16)
+        acc = tl.dot(x, tl.trans(w), acc)  # w's [n, k] copy, k-contiguous; the trans is free
         packed = next_packed
         absmax = next_absmax
 
@@ -274,7 +281,7 @@ def tile_config(m: int, n: int, k: int, sms: int, opts: dict[str, Any]) -> TileC
     if not opts.get("block_k"):  # a BLOCK_K dividing K avoids the masked tail tile
         while k % bk and bk > 64:
             bk //= 2
-    # 8 warps for the wide tiles keeps ptxas (sm_90) at <= ~150 registers, no spills
+    # 8 warps for the wide tiles keeps ptxas (sm_90) from spilling (<= 168 registers)
     warps = 8 if bn >= 128 or (bm >= 32 and bn >= 64) else 4
     k_tiles = _cdiv(k, bk)
     tiles = _cdiv(m, bm) * _cdiv(n, bn)

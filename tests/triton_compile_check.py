@@ -1,0 +1,321 @@
+"""Compile triton-nf4's kernels for every tile config its heuristic picks, no GPU needed.
+
+    python tests/triton_compile_check.py [--quick] [--asm] [--variant OPTS] [--arch 90] [-j N]
+
+Compiles ``_nf4_mm_kernel`` (and the split-K reduction) ahead of time for ``--arch`` (sm_90 by
+default) with the installed triton, for every Gemma 4 E4B linear shape and every M of the sweep
+(1, 2, 4, ..., 4096 and 600), with the argument specialization triton's launcher would derive
+on the GPU (16-divisible integers and pointers, integers equal to 1 as constants), for the
+heuristic and for the regression gate's forced ``block_n=16,block_k=32`` (``--variant``: any
+spec's options instead). No torch and no driver: the kernels and ``tile_config`` are read out
+of ``dqprof/kernels/triton_nf4.py``, so this runs in a bare ``pip install triton numpy`` venv
+(to try another triton version) as well as on the GPU machine (a pre-flight before a sweep).
+``--quick`` compiles each distinct tile config once instead of every argument specialization;
+``--asm`` prints registers, spills, shared memory and the k-loop's SASS per config (instructions
+per warp per k-tile, CTA barriers, global loads). Exit status 1 if any config fails to compile,
+2 if this triton cannot compile for the target at all (no nvidia backend, no ptxas).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import concurrent.futures as cf
+import itertools
+import multiprocessing
+import os
+import re
+import sys
+import time
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+KERNEL_FILE = Path(__file__).resolve().parents[1] / "dqprof" / "kernels" / "triton_nf4.py"
+# Gemma 4 E4B's linear layers, (N, K) as the sweep times them
+GEMMA4_E4B = ((3072, 2560), (2560, 2048), (6144, 2560), (2560, 4096), (20480, 2560),
+              (2560, 10240), (256, 2560), (2560, 256), (10752, 2560))
+SWEEP_M = tuple(1 << i for i in range(13)) + (600,)
+tl: Any = None  # triton.language, bound by main() (the probe kernel resolves it here)
+_NEEDED = ("BLOCKSIZE", "TileConfig", "tile_config", "_nf4_mm_kernel", "_nf4_mm_splitk_reduce")
+
+
+def _stdlib_import(node: ast.Import | ast.ImportFrom) -> bool:
+    if isinstance(node, ast.ImportFrom):
+        if node.level or node.module == "__future__":  # relative; __future__: see load()
+            return False
+        names = [node.module or ""]
+    else:
+        names = [alias.name for alias in node.names]
+    return all(name.split(".")[0] in sys.stdlib_module_names for name in names)
+
+
+def load(triton_language: Any = None, path: Path = KERNEL_FILE) -> dict[str, Any]:
+    """``tile_config`` and the kernel functions of triton_nf4.py, without importing torch.
+
+    Each top-level statement of the file runs on its own, compiled from the file itself (same
+    file name and line numbers, so ``inspect.getsource`` -- which ``triton.jit`` needs --
+    finds the kernels). Only standard-library imports run; a statement that then fails for
+    want of a name (torch, the backend registry) is left out. What remains is plain Python
+    (``tile_config``) and the kernel functions."""
+    tree = ast.parse(path.read_text(), str(path))
+    mod = types.ModuleType("_triton_nf4_kernels")  # dataclass() looks its module up
+    mod.__file__ = str(path)
+    sys.modules[mod.__name__] = mod
+    ns = mod.__dict__
+    # the file's own future imports (unevaluated annotations) head every statement's module
+    future = [n for n in tree.body if isinstance(n, ast.ImportFrom) and n.module == "__future__"]
+    for node in tree.body:
+        if isinstance(node, ast.Import | ast.ImportFrom) and not _stdlib_import(node):
+            continue
+        code = compile(ast.Module(body=[*future, node], type_ignores=[]), str(path), "exec",
+                       dont_inherit=True)
+        try:
+            exec(code, ns)
+        except (NameError, AttributeError):
+            pass
+    missing = [name for name in _NEEDED if name not in ns]
+    if missing:
+        raise RuntimeError(f"{path}: could not define {', '.join(missing)} without its imports")
+    ns.update(tl=triton_language)  # the kernels resolve ``tl`` here when compiled
+    return ns
+
+
+def _int_spec(v: int) -> tuple[str, Any]:
+    """(signature type, attribute or constant) as triton's launcher specializes an int."""
+    if v == 1:
+        return "constexpr", 1
+    return ("i32" if -2**31 <= v < 2**31 else "i64"), ("D" if v % 16 == 0 else "")
+
+
+@dataclass(frozen=True)
+class Job:
+    kernel: str  # "mm" or "reduce"
+    signature: tuple[tuple[str, str], ...]
+    constexprs: tuple[tuple[str, Any], ...]
+    divisible: tuple[str, ...]
+    num_warps: int
+    num_stages: int
+
+    def describe(self) -> str:
+        c = dict(self.constexprs)
+        if self.kernel == "reduce":
+            return f"reduce SPLIT_K={c['SPLIT_K']}"
+        ints = ",".join(f"{k}={v}" for k, v in self.constexprs if k[0] in "MNKs")
+        absmax = dict(self.signature)["absmax_ptr"][1:]
+        return (f"mm absmax={absmax} BM={c['BLOCK_M']} BN={c['BLOCK_N']} BK={c['BLOCK_K']} "
+                f"SK={c['SPLIT_K']} EVEN_K={c['EVEN_K']} w={self.num_warps} "
+                f"s={self.num_stages}" + (f" [{ints}]" if ints else ""))
+
+
+AUTO = {"block_m": 0, "block_n": 0, "block_k": 0, "split_k": 0, "num_warps": 0,
+        "num_stages": 0, "absmax": "fp16"}
+# what the sweep and the GPU tests run: the heuristic, and the regression gate's forced tile
+VARIANTS = ("", "block_n=16,block_k=32")
+
+
+def parse_variant(text: str) -> dict[str, Any]:
+    """``"block_n=16,block_k=32"`` (a backend spec's options) -> the full options dict."""
+    opts = dict(AUTO)
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in opts:
+            raise SystemExit(f"unknown triton-nf4 option {key!r}")
+        opts[key] = value if key == "absmax" else int(value)
+    return opts
+
+
+def jobs(ns: dict[str, Any], shapes=GEMMA4_E4B, ms=SWEEP_M, sms: int = 132,
+         quick: bool = False, variants=VARIANTS) -> dict[Job, list[tuple[Any, ...]]]:
+    """The compilations a sweep over variants x shapes x ms triggers: job -> its uses."""
+    out: dict[Job, list[tuple[Any, ...]]] = {}
+    for variant, (n, k), m in itertools.product(variants, shapes, ms):
+        opts = parse_variant(variant)
+        absmax = opts["absmax"]
+        cfg = ns["tile_config"](m, n, k, sms, opts)
+        ints = {"M": m, "N": n, "K": k, "stride_xm": k, "stride_xk": 1,
+                "stride_wn": k // 2, "stride_an": k // ns["BLOCKSIZE"], "stride_om": n,
+                "stride_on": 1, "stride_os": m * n}
+        if quick:  # one specialization per tile config: M, N, K plain, strides as usual
+            ints.update(M=17, N=17, K=17, stride_os=17)
+        sig = [("x_ptr", "*bf16"), ("w_ptr", "*u8"), ("absmax_ptr", f"*{absmax}"),
+               ("lut_ptr", "*fp16"), ("out_ptr", "*bf16" if cfg.split_k == 1 else "*fp32")]
+        consts: list[tuple[str, Any]] = []
+        div = ["x_ptr", "w_ptr", "absmax_ptr", "lut_ptr", "out_ptr"]
+        for name, v in ints.items():
+            ty, attr = _int_spec(v)
+            sig.append((name, ty))
+            if ty == "constexpr":
+                consts.append((name, attr))
+            elif attr:
+                div.append(name)
+        for name, v in (("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n),
+                        ("BLOCK_K", cfg.block_k), ("SPLIT_K", cfg.split_k),
+                        ("GROUP_M", cfg.group_m), ("EVEN_K", k % cfg.block_k == 0)):
+            sig.append((name, "constexpr"))
+            consts.append((name, v))
+        job = Job("mm", tuple(sig), tuple(consts), tuple(div), cfg.num_warps,
+                  cfg.num_stages)
+        out.setdefault(job, []).append((variant, m, n, k))
+        if cfg.split_k > 1:
+            mn = 17 if quick else m * n
+            ty, attr = _int_spec(mn)
+            rsig = (("ws_ptr", "*fp32"), ("y_ptr", "*bf16"), ("MN", ty),
+                    ("SPLIT_K", "constexpr"), ("BLOCK", "constexpr"))
+            rjob = Job("reduce", rsig, (("SPLIT_K", cfg.split_k), ("BLOCK", 1024)),
+                       ("ws_ptr", "y_ptr") + (("MN",) if attr == "D" else ()), 4, 3)
+            out.setdefault(rjob, []).append((variant, m, n, k))
+    return out
+
+
+def compile_job(job: Job, kernels: dict[str, Any], arch: int) -> Any:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = kernels[job.kernel]
+    names = [name for name, _ in job.signature]
+    attrs = {(names.index(p),): [["tt.divisibility", 16]] for p in job.divisible}
+    src = ASTSource(fn, dict(job.signature), dict(job.constexprs), attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": job.num_warps, "num_stages": job.num_stages})
+
+
+def _sass_loop(sass: str) -> tuple[int, int, int]:
+    """(instructions, barriers, global loads) in the longest loop of a SASS listing: the
+    k-loop, one k-tile per trip."""
+    ins = [(int(a, 16), text.strip())
+           for a, text in re.findall(r"/\*([0-9a-f]{4,6})\*/\s+([^;]*);", sass)]
+    loops = [(int(t.split()[-1], 16), a) for a, t in ins
+             if "BRA" in t and int(t.split()[-1], 16) < a]
+    if not loops:
+        return 0, 0, 0
+    lo, hi = max(loops, key=lambda span: span[1] - span[0])
+    ops = [t.split()[1] if t.startswith("@") else t.split()[0] for a, t in ins if lo <= a <= hi]
+    return (len(ops), sum(op.startswith("BAR") for op in ops),
+            sum(op.startswith("LDG") for op in ops))
+
+
+def asm_summary(compiled: Any) -> str:
+    """Registers, spills (ptxas' stack/local bytes), shared memory, a few PTX counts, and the
+    k-loop's SASS: instructions per warp per k-tile, CTA barriers, global loads."""
+    import subprocess
+    import tempfile
+
+    from triton import knobs
+
+    ptx = compiled.asm.get("ptx", "")
+    n_async = len(re.findall(r"cp\.async\.c[ag]", ptx))
+    text = (f"smem={compiled.metadata.shared}B cp.async={n_async} "
+            f"wgmma={ptx.count('wgmma.mma_async')} mma.sync={ptx.count('mma.sync')}")
+    try:
+        tool = knobs.nvidia.cuobjdump.path
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True,
+                                 timeout=60).stdout
+            sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True,
+                                  timeout=60).stdout
+        use = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", res))
+        n, bars, ldg = _sass_loop(sass)
+        text = (f"regs={use['REG']} stack={use['STACK']} local={use['LOCAL']} {text} "
+                f"loop: {n} instr {bars} BAR {ldg} LDG")
+    except Exception:  # noqa: BLE001 -- the summary is best effort
+        pass
+    return text
+
+
+def _probe_kernel(out_ptr):
+    """The smallest kernel: whether this triton can compile for the target here at all."""
+    tl.store(out_ptr + tl.arange(0, 16), tl.zeros((16,), dtype=tl.float32))
+
+
+# what the forked workers compile: set by main() before the pool starts
+_WORK: dict[str, Any] = {}
+
+
+def _run(index: int) -> tuple[int, bool, str]:
+    """Compile job ``index`` (-1: the probe): (index, ok, report)."""
+    t = time.perf_counter()
+    try:
+        if index < 0:
+            import triton
+            from triton.backends.compiler import GPUTarget
+            from triton.compiler import ASTSource
+
+            src = ASTSource(_WORK["probe"], {"out_ptr": "*fp32"}, {}, {})
+            triton.compile(src, target=GPUTarget("cuda", _WORK["arch"], 32))
+            return index, True, "probe"
+        compiled = compile_job(_WORK["jobs"][index], _WORK["kernels"], _WORK["arch"])
+    except Exception as e:  # noqa: BLE001 -- report every failing config
+        lines = str(e).strip().splitlines()
+        return index, False, f"{type(e).__name__}: {lines[-1] if lines else ''}"
+    extra = f" {asm_summary(compiled)}" if _WORK["asm"] else ""
+    return index, True, f"{time.perf_counter() - t:.1f}s{extra}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90, 80")
+    ap.add_argument("--quick", action="store_true", help="one compile per tile config")
+    ap.add_argument("--variant", action="append", metavar="OPTS",
+                    help="backend options as in a spec, e.g. 'block_n=16,block_k=32' or '' "
+                         f"for the heuristic (repeatable; default: {list(VARIANTS)})")
+    ap.add_argument("--asm", action="store_true", help="summarize each compiled kernel")
+    ap.add_argument("--kernel-file", type=Path, default=KERNEL_FILE,
+                    help="another copy of triton_nf4.py, to compare versions")
+    ap.add_argument("-j", "--jobs", type=int, default=min(8, os.cpu_count() or 1),
+                    help="compiler processes (default: up to 8)")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+
+    try:
+        import triton
+        import triton.language
+    except ImportError as e:
+        print(f"SKIP: triton is not importable: {e}")
+        return 2
+    global tl
+    tl = triton.language
+    ns = load(tl, args.kernel_file.resolve())
+    todo = jobs(ns, quick=args.quick,
+                variants=VARIANTS if args.variant is None else tuple(args.variant))
+    _WORK.update(jobs=list(todo), arch=args.arch, asm=args.asm,
+                 probe=triton.jit(_probe_kernel),
+                 kernels={"mm": triton.jit(ns["_nf4_mm_kernel"]),
+                          "reduce": triton.jit(ns["_nf4_mm_splitk_reduce"])})
+    print(f"triton {triton.__version__}, sm_{args.arch}: {len(todo)} compilations", flush=True)
+    t0 = time.perf_counter()
+    # Forked workers (nothing compiled in this process before the fork); a compiler crash
+    # that takes its worker down fails the configs still pending instead of the whole run.
+    ctx = multiprocessing.get_context("fork")
+    done: dict[int, tuple[bool, str]] = {}
+    with cf.ProcessPoolExecutor(max(1, args.jobs), mp_context=ctx) as pool:
+        _, ok, report = pool.submit(_run, -1).result()
+        if not ok:
+            print(f"SKIP: triton {triton.__version__} cannot compile for sm_{args.arch} here: "
+                  f"{report}")
+            return 2
+        futures = [pool.submit(_run, i) for i in range(len(todo))]
+        for i, future in enumerate(futures):
+            try:
+                _, ok, report = future.result()
+            except cf.process.BrokenProcessPool:
+                ok, report = False, "the compiler process died"
+            done[i] = ok, report
+            job, uses = _WORK["jobs"][i], todo[_WORK["jobs"][i]]
+            if not ok:
+                variant, m, n, k = uses[0]
+                print(f"FAIL {job.describe()} (e.g. triton-nf4[{variant}] m={m} n={n} k={k}; "
+                      f"{len(uses)} uses): {report}", flush=True)
+            elif args.verbose or args.asm:
+                print(f"ok   {job.describe()} {report}", flush=True)
+    failed = sum(not ok for ok, _ in done.values())
+    print(f"{len(todo) - failed}/{len(todo)} compiled in {time.perf_counter() - t0:.0f}s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
