@@ -90,34 +90,31 @@ def time_replay(replay: Replay, repeats: int, warmup: int = 3) -> TimeStats:
         replay()
     replay.sync()
     # size a sample: replays needed for MIN_SAMPLE_S
-    t0 = _now(replay)
+    t0 = time.perf_counter()
     replay()
-    one = _elapsed(replay, t0)
+    replay.sync()
+    one = time.perf_counter() - t0
     per_sample = max(1, int(MIN_SAMPLE_S / max(one, 1e-7)))
-    per_call = []
+    calls = per_sample * replay.calls
+    if replay.device != "cuda":
+        per_call = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(per_sample):
+                replay()
+            per_call.append((time.perf_counter() - t0) / calls)
+        return summarize(per_call, calls)
+    # All samples are queued back to back behind one priming replay and read after a single
+    # sync: the GPU never waits for the host between samples, so a large graph's launch
+    # latency stays out of every sample.
+    replay()
+    marks = []
     for _ in range(repeats):
-        # one replay queued ahead keeps the GPU busy while the start event and the timed
-        # replays are launched, so a large graph's host-side launch latency stays out
-        replay()
-        t0 = _now(replay)
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
         for _ in range(per_sample):
             replay()
-        per_call.append(_elapsed(replay, t0) / (per_sample * replay.calls))
-    return summarize(per_call, per_sample * replay.calls)
-
-
-def _now(replay: Replay) -> object:
-    if replay.device == "cuda":
-        ev = torch.cuda.Event(enable_timing=True)
-        ev.record()
-        return ev
-    return time.perf_counter()
-
-
-def _elapsed(replay: Replay, start: object) -> float:
-    if replay.device == "cuda":
-        end = torch.cuda.Event(enable_timing=True)
         end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3  # type: ignore[union-attr]
-    return time.perf_counter() - start  # type: ignore[operator]
+        marks.append((begin, end))
+    marks[-1][1].synchronize()
+    return summarize([b.elapsed_time(e) / 1e3 / calls for b, e in marks], calls)
