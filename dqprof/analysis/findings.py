@@ -116,8 +116,10 @@ def break_even(a: Analysis) -> str | None:
 
 
 def byte_budget(a: Analysis) -> str | None:
+    if a.bytes.empty or a.roof is None:  # no quantized path, or no ceilings
+        return None
     b = a.bytes[a.bytes["series"] == NF4].dropna(subset=["dequant_time_s", "saved_ideal_s"])
-    if b.empty or a.roof is None:
+    if b.empty:
         return None
     r = b.loc[b["bf16_weight_bytes"].idxmax()]
     return (f"On {r['layer']}, NF4 storage saves {fmt.mb(r['saved_bytes'])} of weight reads per "

@@ -14,6 +14,7 @@ from dqprof.analysis.compare import FIGURES, align, ratio_by_m, ratio_summary
 from dqprof.analysis.compute import Analysis, analyze
 from dqprof.analysis.figures import compare_figures, run_figures
 from dqprof.analysis.frame import default_profile, load_runs, series_order
+from dqprof.analysis.fullmodel_figure import reconciliation_figure
 from dqprof.errors import DqprofError
 
 DPI = 110
@@ -69,6 +70,9 @@ def make_report(paths: list[Path | str] | None, out: Path | str) -> ReportResult
         aligned.to_csv(csv, index=False)
     for a, prefix in zip(analyses, prefixes, strict=True):
         figs.update(run_figures(a, prefix))
+        recon, missed = reconciliation_figure(a.run, prefix)
+        figs.update(recon)
+        left += missed
     files: list[Path] = [out / "comparison.csv"] if multi else []
     plots = {}
     for name, (fig, caption) in figs.items():

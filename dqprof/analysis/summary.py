@@ -79,6 +79,8 @@ def run_blocks(a: Analysis, plots: dict[str, Plot], level: int = 2, prefix: str 
                         f"{a.fit.j_per_flop * 1e12:.3g} pJ/FLOP above idle; median error "
                         f"{100 * a.fit.median_rel_err:.0f}% over {a.fit.points} points."))
     out += _plot(plots, prefix + "energy_roofline")
+    if prefix + "reconciliation" in plots:
+        out += [Heading(h, "Full model: kernels vs vLLM")] + _plot(plots, prefix + "reconciliation")
     return out
 
 

@@ -23,10 +23,10 @@ power drawn through all of them.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from dqprof.analysis.interp import value_at
 from dqprof.models.shapes import LinearShape
 
 QUANT_BACKEND = {"bf16": "bf16", "bitsandbytes": "bnb-nf4", "gptq_marlin": "marlin-gptq",
@@ -99,27 +99,17 @@ def _time(rec: dict[str, Any]) -> float | None:
     return (rec.get("time") or {}).get("median_s")
 
 
+_METHOD = {"measured": "exact", "log-interpolated": "log-interp", "nearest": "nearest"}
+
+
 def _interp(points: dict[int, float], m: int) -> tuple[float | None, str, tuple[int, ...]]:
+    """The figure at M, by the report's own rule (dqprof.analysis.interp.value_at)."""
     if set(points) == {0}:  # a backend whose work does not depend on M records m=0
         return points[0], "m-independent", (0,)
-    points = {x: v for x, v in points.items() if x > 0}
-    if not points:
+    at = value_at(list(points), list(points.values()), m)
+    if at is None:
         return None, "missing", ()
-    if m in points:
-        return points[m], "exact", (m,)
-    below = [x for x in points if x < m]
-    above = [x for x in points if x > m]
-    if below and above:
-        lo, hi = max(below), min(above)
-        vlo, vhi = points[lo], points[hi]
-        if vlo > 0 and vhi > 0:
-            f = (math.log(m) - math.log(lo)) / (math.log(hi) - math.log(lo))
-            return math.exp(math.log(vlo) + f * (math.log(vhi) - math.log(vlo))), \
-                "log-interp", (lo, hi)
-        near = min((lo, hi), key=lambda x: abs(math.log(x / m)))
-        return points[near], "nearest", (near,)
-    near = max(below) if below else min(above)
-    return points[near], "nearest", (near,)
+    return at.value, _METHOD[at.method], at.m_used
 
 
 def kernel_figures(records: list[dict[str, Any]], shape: LinearShape, backend: str, m: int,
