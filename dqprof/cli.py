@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -137,8 +138,14 @@ def bench(
                   TimeElapsedColumn(), console=err_console, transient=False) as bar:
         task = bar.add_task("measuring", total=None)
 
+        last_line = [time.monotonic()]
+
         def progress(done: int, total: int, label: str) -> None:
             bar.update(task, completed=done, total=total, description=label[:48].ljust(48))
+            # CI logs are no terminal: a plain line every 30 s instead of a live bar
+            if not err_console.is_terminal and time.monotonic() - last_line[0] > 30:
+                last_line[0] = time.monotonic()
+                err_console.print(f"{done}/{total} points, last: {label}", highlight=False)
 
         sweep.progress = progress
         counts = sweep.run()
