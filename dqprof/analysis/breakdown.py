@@ -54,7 +54,7 @@ def per_token(points: pd.DataFrame, scenario: Scenario, metric: str = "energy_j"
     # a path with no ok point at all (not runnable here) is left out, not filled with bf16
     series = [s for s in series_order(ok) if not s.startswith(DEQUANT)]
     rows, left_out = [], []
-    incomplete: set[str] = set()
+    missing: dict[str, list[str]] = {}  # series -> layers without a figure
     for s in series:
         for lay in _layers(points).itertuples():
             m = scenario.m_for(lay.per_sequence)
@@ -72,10 +72,7 @@ def per_token(points: pd.DataFrame, scenario: Scenario, metric: str = "energy_j"
                 # the path was run at this M and failed there: a neighbour is no stand-in
                 at = None
             if at is None:
-                word = "energy" if metric == "energy_j" else "time"
-                left_out.append(f"{scenario.label}, {s}: {lay.layer} has no {word} figure at "
-                                f"M={m} in {used}'s records (failed or not measured)")
-                incomplete.add(s)
+                missing.setdefault(s, []).append(f"{lay.layer} at M={m}")
                 continue
             rows.append({"series": s, "layer": lay.layer, "group": lay.group, "m": m,
                          "source": used, "substituted": used != s, "how": at.how,
@@ -86,9 +83,12 @@ def per_token(points: pd.DataFrame, scenario: Scenario, metric: str = "energy_j"
     cols = ["series", "layer", "group", "m", "source", "substituted", "how", "interpolated",
             "per_call", "calls_per_token", "per_token", "note"]
     # a total missing a layer would look cheaper than it is: such a path leaves the scenario
-    for s in sorted(incomplete):
-        left_out.append(f"{scenario.label}: {s} left out (no total without every layer)")
-    rows = [r for r in rows if r["series"] not in incomplete]
+    word = "energy" if metric == "energy_j" else "time"
+    for s, layers in missing.items():
+        named = ", ".join(layers[:3]) + (f" and {len(layers) - 3} more" if len(layers) > 3 else "")
+        left_out.append(f"{scenario.label}: {s} left out, no {word} figure (failed or not "
+                        f"measured) for {named}")
+    rows = [r for r in rows if r["series"] not in missing]
     return pd.DataFrame(rows, columns=cols), left_out
 
 

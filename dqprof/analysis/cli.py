@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+SHOWN = 8  # left-out notes printed on the terminal; summary.md lists them all
+
 
 def report(
     runs: Annotated[list[Path] | None, typer.Argument(
@@ -29,5 +31,7 @@ def report(
     console = Console()
     console.print(f"{result.out}/report.html, summary.md and {len(result.files) - 2} more "
                   f"files written")
-    for item in result.left_out:
+    for item in result.left_out[:SHOWN]:
         console.print(f"[yellow]left out:[/] {item}", highlight=False)
+    if len(result.left_out) > SHOWN:
+        console.print(f"... and {len(result.left_out) - SHOWN} more left out: see summary.md")
