@@ -39,7 +39,8 @@ def _guard(fn: Callable[[], T]) -> T:
 
 
 def _table(report: Report, show_all: bool) -> Table:
-    from dqprof.regress import UNCHANGED, describe, fmt_change
+    from dqprof.regress import UNCHANGED
+    from dqprof.regress_output import describe, fmt_change
 
     style = {"regression": "bold red", "failed": "red", "improvement": "green",
              "missing": "yellow", "new": "yellow", "unchanged": "dim"}
@@ -59,7 +60,8 @@ def _table(report: Report, show_all: bool) -> Table:
 
 def _annotate(report: Report) -> None:
     """GitHub workflow commands: regressions and warnings show on the run's summary page."""
-    from dqprof.regress import FAILED, REGRESSION, describe, fmt_change
+    from dqprof.regress import FAILED, REGRESSION
+    from dqprof.regress_output import describe, fmt_change
 
     def esc(text: str) -> str:  # the workflow-command escaping of a message
         return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
@@ -96,6 +98,8 @@ def regress(
 ) -> None:
     """Gate a run against a baseline: exit 0 pass, 1 regression, 2 unusable input."""
     from dqprof import regress as rg
+    from dqprof.regress_output import to_junit, to_markdown
+    from dqprof.results import write_atomic
 
     if update_baseline:
         n = _guard(lambda: rg.write_baseline(current, baseline))
@@ -120,9 +124,9 @@ def regress(
     if os.environ.get("GITHUB_ACTIONS") == "true":
         _annotate(report)
     if junit is not None:
-        rg.write_text(junit, rg.to_junit(report))
+        write_atomic(junit, to_junit(report))
     if summary is not None:
-        rg.write_text(summary, rg.to_markdown(report))
+        write_atomic(summary, to_markdown(report))
     console.print(report.headline(), style="bold red" if report.exit_code else "bold green",
                   highlight=False)
     raise typer.Exit(report.exit_code)

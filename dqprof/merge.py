@@ -14,8 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from dqprof.errors import DqprofError
-from dqprof.regress import read_json, write_text
-from dqprof.results import KERNELS_FILE, RUN_FILE, kernels_path, load_records, write_run
+from dqprof.regress import read_json
+from dqprof.results import (
+    KERNELS_FILE,
+    RUN_FILE,
+    kernels_path,
+    load_records,
+    write_atomic,
+    write_run,
+)
 
 
 @dataclass
@@ -139,7 +146,7 @@ def merge_runs(paths: list[Path], out: Path, force: bool = False) -> Merged:
 
     info = _merged_run_json(sources, len(records))
     out.mkdir(parents=True, exist_ok=True)
-    write_text(kernels_path(out),
+    write_atomic(kernels_path(out),
                "".join(json.dumps(r, sort_keys=True) + "\n" for r in records.values()))
     write_run(out, info)
     return Merged(out, len(records), duplicates, warnings)

@@ -23,14 +23,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from xml.etree import ElementTree as ET
 
 from dqprof.errors import DqprofError
-from dqprof.results import KERNELS_FILE, RUN_FILE, dig, load_records
+from dqprof.results import KERNELS_FILE, RUN_FILE, dig, load_records, write_atomic
 
 NOISE_K = 2.0
 # measure.energy.CHUNK_S (not imported: that module pulls in torch). The energy window counts
@@ -341,108 +339,6 @@ def run_regress(baseline: Path, current: Path, gate: Gate = Gate()) -> Report:
     return compare(load_side(baseline), load_side(current), gate)
 
 
-# -- outputs --------------------------------------------------------------------------------
-
-def fmt_seconds(s: float) -> str:
-    return f"{s * 1e6:.4g} µs" if s < 1e-3 else f"{s * 1e3:.4g} ms"
-
-
-def fmt_joules(j: float) -> str:
-    return f"{j * 1e6:.4g} µJ" if j < 1e-3 else f"{j * 1e3:.4g} mJ"
-
-
-def fmt_change(c: Change | None) -> str:
-    if c is None:
-        return ""
-    return f"{c.rel:+.1%} (band ±{c.band:.1%})"
-
-
-def describe(c: Change | None) -> str:
-    if c is None:
-        return ""
-    fmt = fmt_seconds if c.metric == "time" else fmt_joules
-    return f"{fmt(c.base)} → {fmt(c.cur)}"
-
-
-def _md_rows(points: list[Point]) -> list[str]:
-    rows = ["| point | time | Δ time | energy | Δ energy | note |", "|---|---|---|---|---|---|"]
-    for p in points:
-        t, e = p.change("time"), p.change("energy")
-        cells = (f"`{p.key}`", describe(t), fmt_change(t), describe(e), fmt_change(e), p.note)
-        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return rows
-
-
-def to_markdown(report: Report) -> str:
-    """A summary that fits $GITHUB_STEP_SUMMARY: headline first, details folded away."""
-    g = report.gate
-    icon = "❌" if report.exit_code else "✅"
-    b_commit = dig(report.baseline.run, "environment", "git", "commit") or "?"
-    c_commit = dig(report.current.run, "environment", "git", "commit") or "?"
-    lines = [f"## {icon} {report.headline()}", "",
-             f"baseline `{report.baseline.path}` (commit `{b_commit[:12]}`), "
-             f"current `{report.current.path}` (commit `{c_commit[:12]}`), "
-             f"GPU {dig(report.current.run, 'environment', 'gpu', 'name') or '?'}.", "",
-             f"A regression is a change beyond both the threshold (time +{g.max_slowdown:.1%}, "
-             f"energy +{g.max_energy_increase:.1%}) and the point's noise band "
-             f"({g.noise_k:g} × the root-sum-square of both sides' relative spreads).", ""]
-    if report.warnings:
-        lines += ["> [!WARNING]"] + [f"> {w}  " for w in report.warnings] + [""]
-    sections = ((f"Regressions{' and failures' if report.of(FAILED) else ''}",
-                 report.of(REGRESSION, FAILED)),
-                ("Improvements", report.of(IMPROVEMENT)),
-                ("Missing (baseline ok, not measured now; or new in this run)",
-                 report.of(MISSING, NEW)))
-    for title, points in sections:
-        if points:
-            lines += [f"### {title}", "", *_md_rows(points), ""]
-    unchanged = report.of(UNCHANGED)
-    if unchanged:
-        lines += ["<details><summary>Unchanged points</summary>", "", *_md_rows(unchanged), "",
-                  "</details>", ""]
-    return "\n".join(lines)
-
-
-def to_junit(report: Report) -> str:
-    """One testcase per point; regressions fail, missing and new points are skipped."""
-    suite = ET.Element("testsuite", name="dqprof regress", tests=str(len(report.points)),
-                       failures=str(len(report.of(REGRESSION, FAILED))),
-                       skipped=str(len(report.of(MISSING, NEW))), errors="0")
-    props = ET.SubElement(suite, "properties")
-    for name, value in (("baseline", report.baseline.path), ("current", report.current.path),
-                        ("max_slowdown", report.gate.max_slowdown),
-                        ("max_energy_increase", report.gate.max_energy_increase),
-                        ("noise_k", report.gate.noise_k)):
-        ET.SubElement(props, "property", name=name, value=str(value))
-    for p in report.points:
-        model, _, rest = p.key.partition("|")
-        layer, _, name = rest.partition("|")
-        case = ET.SubElement(suite, "testcase", classname=f"{model}.{layer}", name=name,
-                             time="0")
-        detail = "; ".join(f"{c.metric} {describe(c)} {fmt_change(c)}" for c in p.changes)
-        text = "; ".join(x for x in (detail, p.note) if x)
-        if p.status in (REGRESSION, FAILED):
-            ET.SubElement(case, "failure", message=f"{p.status}: {text}"[:500]).text = text
-        elif p.status in (MISSING, NEW):
-            ET.SubElement(case, "skipped", message=p.note)
-        elif text:
-            ET.SubElement(case, "system-out").text = text
-    if report.warnings:
-        ET.SubElement(suite, "system-err").text = "\n".join(report.warnings)
-    root = ET.Element("testsuites", name="dqprof regress")
-    root.append(suite)
-    ET.indent(root)
-    return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
-
-
-def write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_baseline(current: Path, dest: Path) -> int:
     """Current ok records become the baseline (a .jsonl file with <name>.run.json beside it,
     or a run folder); returns how many records were written."""
@@ -457,7 +353,7 @@ def write_baseline(current: Path, dest: Path) -> int:
     if dest.suffix != ".jsonl":
         dest.mkdir(parents=True, exist_ok=True)
     file = dest / KERNELS_FILE if dest.is_dir() else dest
-    write_text(file, "".join(json.dumps(r, sort_keys=True) + "\n" for r in ok))
+    write_atomic(file, "".join(json.dumps(r, sort_keys=True) + "\n" for r in ok))
     info = {**side.run, "baseline_of": {"source": str(side.path), "records": len(ok)}}
-    write_text(run_json_for(dest), json.dumps(info, indent=1, sort_keys=True) + "\n")
+    write_atomic(run_json_for(dest), json.dumps(info, indent=1, sort_keys=True) + "\n")
     return len(ok)

@@ -41,11 +41,18 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         raise DqprofError(f"{p}: not valid JSON ({e})") from e
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write a whole file so that a crash leaves the old one or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_run(run_dir: Path, info: dict[str, Any]) -> None:
-    p = Path(run_dir) / RUN_FILE
-    tmp = p.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(info, indent=1, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, p)  # atomic: a crash never leaves half a run.json
+    write_atomic(Path(run_dir) / RUN_FILE,
+                 json.dumps(info, indent=1, sort_keys=True, default=str) + "\n")
 
 
 class RecordWriter:
@@ -74,10 +81,8 @@ class RecordWriter:
 
 def rewrite_records(path: Path, records: list[dict[str, Any]]) -> None:
     """Replace a results file atomically (used to drop failed points before a retry)."""
-    tmp = Path(path).with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r, sort_keys=True, default=_json_default) + "\n"
-                           for r in records))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(r, sort_keys=True, default=_json_default) + "\n"
+                               for r in records))
 
 
 def _json_default(o: Any) -> Any:

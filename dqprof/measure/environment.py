@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import re
 import socket
 import subprocess
 from importlib import metadata
@@ -28,6 +29,8 @@ def git_commit() -> dict[str, Any]:
     try:
         sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
                              text=True, timeout=5).stdout.strip()
+        if not re.fullmatch(r"[0-9a-f]{40}", sha):  # no history here (a copied tree): unknown
+            sha = ""
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--",
                                 "dqprof"], capture_output=True, text=True, timeout=5).stdout
         return {"commit": sha or None, "dirty": bool(dirty.strip()) if sha else None}
