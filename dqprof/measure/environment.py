@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import socket
@@ -29,11 +30,12 @@ def git_commit() -> dict[str, Any]:
     try:
         sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
                              text=True, timeout=5).stdout.strip()
-        if not re.fullmatch(r"[0-9a-f]{40}", sha):  # no history here (a copied tree): unknown
-            sha = ""
+        if not re.fullmatch(r"[0-9a-f]{40}", sha):  # no history here (a copied tree):
+            # the caller may know the commit (DQPROF_GIT_COMMIT), not whether it was edited
+            return {"commit": os.environ.get("DQPROF_GIT_COMMIT") or None, "dirty": None}
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--",
                                 "dqprof"], capture_output=True, text=True, timeout=5).stdout
-        return {"commit": sha or None, "dirty": bool(dirty.strip()) if sha else None}
+        return {"commit": sha, "dirty": bool(dirty.strip())}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
 
