@@ -309,6 +309,7 @@ class Sweep:
 
         dev, backend, shape = self.cfg.device, g.backend, g.shape
         rows = max(m, 1)
+        clock = _PhaseClock()  # where a point's wall time goes (the sweep's own overhead)
         # correctness first, on fresh inputs; a wrong path is recorded failed and never timed
         x_check = torch.randn(rows, shape.k, device=dev, dtype=torch.bfloat16)
         err = rel_error(backend(states[0], x_check), backend.expected(states[0], x_check))
@@ -316,15 +317,19 @@ class Sweep:
             return {"status": "failed", "rel_err": err if math.isfinite(err) else None,
                     "reason": f"output differs from the fp32 reference: rel err {err:.3g} > "
                               f"{REL_TOL}"}
+        clock.lap("check")
         x = torch.randn(rows, shape.k, device=dev, dtype=torch.bfloat16)
         fns = [lambda s=s: backend(s, x) for s in states]
         replay = Replay(fns, dev)
+        clock.lap("capture")
         t = time_replay(replay, self.cfg.repeats)
+        clock.lap("timing")
         kernels = None
         if dev == "cuda" and self.cfg.attribution:
             from dqprof.measure.attribution import attribute
 
             kernels = attribute(fns[: min(4, len(fns))])
+        clock.lap("attribution")
         energy, state = None, None
         if self.nvml is not None:
             if self.cfg.energy and self.nvml.energy_supported:
@@ -333,6 +338,7 @@ class Sweep:
                 energy = measure_energy(replay, self.nvml, t.median_s, self.cfg.window_s,
                                         self.idle_power_w, self.power_limit_w).as_dict()
             state = self.nvml.state()  # right after the busy window: throttling shows here
+        clock.lap("energy")
         traffic = backend.traffic(shape, m, kernels)
         flops = backend.flops(shape, m)
         bw, fl = traffic.total / t.median_s, flops / t.median_s
@@ -356,7 +362,21 @@ class Sweep:
                          "frac_flops": fl / ceilings["bf16_flop_per_s"]
                          if ceilings.get("bf16_flop_per_s") else None},
             "gpu_state": state,
+            "wall_s": clock.laps,
         }
+
+
+class _PhaseClock:
+    """Host seconds spent in each phase of a point, in order."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self._t
+        self._t = now
 
 
 def _err(e: BaseException) -> str:

@@ -89,6 +89,7 @@ def test_short_sweep_records_everything(tmp_path) -> None:
         method = r["method"]
         assert method["rotation_bytes"] >= 3 * method["l2_bytes"] or method["rotation"] == 1
         assert r["kernels"], r["key"]
+        assert set(r["wall_s"]) == {"check", "capture", "timing", "attribution", "energy"}
         assert r["gpu_state"]["sm_clock_mhz"]
     cats = {r["key"]: {k["category"] for k in r["kernels"]} for r in ok}
     assert any("dequant" in c for k, c in cats.items() if "bnb-dequant" in k)
