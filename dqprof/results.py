@@ -157,13 +157,3 @@ def dig(rec: Any, *path: str) -> Any:
             return None
         rec = rec.get(p)
     return rec
-
-
-def to_frame(records: list[dict[str, Any]]):
-    """Records as a flat pandas DataFrame (nested dicts become dotted columns)."""
-    import pandas as pd
-
-    flat = [{k: v for k, v in r.items() if k != "kernels"} for r in records]
-    df = pd.json_normalize(flat)
-    df["kernels"] = [r.get("kernels") for r in records]
-    return df

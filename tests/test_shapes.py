@@ -83,3 +83,30 @@ def test_shape_filter() -> None:
         "mlp.gate_up_proj", "sliding.o_proj", "full.o_proj"}
     with pytest.raises(DqprofError, match="no shape matches"):
         select_shapes(shapes, "nothing")
+
+
+def test_checkpoint_layout_agrees_with_the_shape_table() -> None:
+    """The synthetic checkpoint's modules (unfused) and the executed shapes (fused) come from
+    two derivations of one config: every shard of every fused shape must be a module of the
+    checkpoint, as many times as the shape runs per token."""
+    from collections import Counter
+
+    from dqprof.fullmodel.layout import linear_modules
+
+    modules = Counter((m.name.rsplit(".", 1)[-1], m.n, m.k)
+                      for m in linear_modules(GEMMA.fields))
+    for s in linear_shapes(GEMMA):
+        if not s.quantized:
+            continue  # lm_head is the tied embedding, not a module
+        for shard, size in zip(s.shard_names, s.shards, strict=True):
+            assert modules[(shard, size, s.k)] == s.calls_per_token, (s.name, shard)
+
+
+def test_shape_rules_skip_with_a_reason() -> None:
+    from dqprof.kernels import create
+    from dqprof.models.shapes import LinearShape
+
+    odd = LinearShape("odd", "odd", 100, 200, (100,), ("odd",), 1)
+    assert "N % 64" in create("marlin-gptq").supports(odd)
+    assert "K % 128" in create("tinygemm-int4").supports(odd)
+    assert create("bf16").supports(odd) is None

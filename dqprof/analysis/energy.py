@@ -44,9 +44,7 @@ def split_call(energy_j: float, kernels: list[dict] | None,
     """One call's energy over its kernel categories (see the module doc)."""
     if not kernels:
         return Split({UNATTRIBUTED: energy_j}, {}, "unattributed")
-    # a category this version does not know (a newer attribution) counts as "other"
-    seconds = by_category([k if k.get("category") in CATEGORIES else {**k, "category": "other"}
-                           for k in kernels])
+    seconds = by_category(kernels)  # a category this version does not know counts as other
     total = sum(seconds.values())
     if total <= 0:
         return Split({UNATTRIBUTED: energy_j}, seconds, "unattributed")

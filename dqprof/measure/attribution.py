@@ -52,8 +52,9 @@ def attribute(fns: list[Callable[[], object]], rounds: int = 2) -> list[dict]:
 
 
 def by_category(kernels: list[dict]) -> dict[str, float]:
-    """Device seconds per call in each category (all categories present)."""
+    """Device seconds per call in each category (all present; unknown ones count as other)."""
     out = dict.fromkeys(CATEGORIES, 0.0)
     for k in kernels:
-        out[k["category"]] += k["time_s"]
+        category = k.get("category")
+        out[category if category in out else "other"] += k["time_s"]
     return out
