@@ -322,14 +322,15 @@ class Sweep:
         fns = [lambda s=s: backend(s, x) for s in states]
         replay = Replay(fns, dev)
         clock.lap("capture")
-        t = time_replay(replay, self.cfg.repeats)
-        clock.lap("timing")
         kernels = None
         if dev == "cuda" and self.cfg.attribution:
             from dqprof.measure.attribution import attribute
 
             kernels = attribute(fns[: min(4, len(fns))])
         clock.lap("attribution")
+        # timing right before the energy window: its busy GPU is most of the window's ramp
+        t = time_replay(replay, self.cfg.repeats)
+        clock.lap("timing")
         energy, state = None, None
         if self.nvml is not None:
             if self.cfg.energy and self.nvml.energy_supported:

@@ -2,7 +2,7 @@
 # Full-model vLLM runs on the GPU machine (issue 4): synthesize Gemma 4 E4B checkpoints into
 # /tmp, run the quantization matrix inside a total time budget, copy the results to $OUT.
 #
-#   scripts/gpu_fullmodel.sh test
+#   scripts/gpu_fullmodel.sh test [TIMEOUT_S]
 #       the 2-layer GPU tests (tests/test_fullmodel_gpu.py): 4 quantizations, eager, 8 tokens
 #   scripts/gpu_fullmodel.sh BUDGET_S [QUANTS] [BATCHES] [WORKLOADS] [ENGINE]
 #       BUDGET_S covers synthesis and the matrix (keep it ~30 s under the call's limit);
@@ -25,7 +25,7 @@ start=$(date +%s)
 
 if [[ "${1:-}" == "test" ]]; then
   log "fullmodel GPU tests"
-  timeout --signal=KILL 570 python3 -m pytest -m gpu -q -s --no-header -p no:cacheprovider \
+  timeout --signal=KILL "${2:-570}" python3 -m pytest -m gpu -q -s --no-header -p no:cacheprovider \
     tests/test_fullmodel_gpu.py 2>&1 | tail -60
   log "done after $(( $(date +%s) - start )) s"
   exit 0

@@ -23,8 +23,9 @@ fi
 if [[ $# -gt 0 ]]; then
   log "bench $*"
   start=$(date +%s)
-  timeout --signal=KILL "$budget" python3 -m dqprof bench -o "$RUN_DIR" "$@" 2> "$OUT/bench.err"
-  log "bench exit $? after $(( $(date +%s) - start )) s"
+  timeout --signal=KILL "$budget" python3 -m dqprof bench -o "$RUN_DIR" "$@" 2>> "$OUT/bench.err"
+  rc=$?
+  log "bench exit $rc after $(( $(date +%s) - start )) s"
   tail -c 3000 "$OUT/bench.err"
   mkdir -p "$OUT/run" && cp "$RUN_DIR"/run.json "$RUN_DIR"/kernels.jsonl "$OUT/run/" 2>/dev/null
   python3 - "$RUN_DIR" <<'PY'
@@ -35,4 +36,5 @@ for r in recs:
     if r["status"] == "failed":
         print("FAILED", r["key"], r["reason"][:200])
 PY
+  exit $rc
 fi

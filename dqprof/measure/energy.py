@@ -21,7 +21,7 @@ from dqprof.measure.timing import Replay
 
 CHUNK_S = 5e-3  # device time per chunk of replays (the resolution of the call count)
 LEAD_CHUNKS = 8  # chunks queued ahead of the GPU, so it never idles while we poll
-RAMP_S = 0.2  # busy time before the window opens (clocks and power settle)
+RAMP_S = 0.1  # busy time before the window opens, after the timing samples (clocks settle)
 MAX_IDLE_FRAC = 0.02  # a window whose GPU idled longer than this is flagged
 
 
