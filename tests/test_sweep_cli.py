@@ -199,3 +199,54 @@ def test_shapes_and_backends_commands() -> None:
     names = [s["name"] for s in json.loads(res.stdout)]
     assert "mlp.gate_up_proj" in names and "lm_head" in names
     assert cli("backends").exit_code == 0
+
+
+class _FakeNvml:
+    """Two GPUs; the counter tells them apart."""
+
+    def __init__(self) -> None:
+        self.uuids = ["GPU-aaaa", "GPU-bbbb"]
+
+    def nvmlInit(self) -> None:
+        pass
+
+    def nvmlDeviceGetCount(self) -> int:
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
+        return i
+
+    def nvmlDeviceGetUUID(self, handle: int) -> str:
+        return self.uuids[handle]
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle: int) -> int:
+        return 1000 * (handle + 1)
+
+
+def test_nvml_reads_the_gpu_cuda_uses_not_nvml_index_0(monkeypatch) -> None:
+    # CUDA_VISIBLE_DEVICES=1: CUDA's device 0 is the host's second GPU (a bug once read the
+    # first GPU's counter, busy with another job, into a whole vLLM matrix)
+    from dqprof.measure import nvml
+
+    monkeypatch.setitem(sys.modules, "pynvml", _FakeNvml())
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    monkeypatch.setattr(nvml, "_torch_uuid", lambda i: "GPU-bbbb")
+    handle, why = nvml.open_nvml(0)
+    assert why is None and handle.energy_mj() == 2000 and "GPU-bbbb" in handle.matched
+    # no UUID to match while GPUs are hidden: no handle, and a reason, never a guess
+    monkeypatch.setattr(nvml, "_torch_uuid", lambda i: None)
+    handle, why = nvml.open_nvml(0)
+    assert handle is None and "CUDA_VISIBLE_DEVICES" in why
+    # nothing hidden: CUDA's and NVML's numbering agree
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    handle, why = nvml.open_nvml(0)
+    assert handle.energy_mj() == 1000 and handle.matched == "index 0"
+
+
+def test_named_commit_wins_over_a_stale_git(monkeypatch) -> None:
+    from dqprof.measure.environment import git_commit
+
+    monkeypatch.setenv("DQPROF_GIT_COMMIT", "f" * 40)
+    assert git_commit() == {"commit": "f" * 40, "dirty": None, "source": "DQPROF_GIT_COMMIT"}
+    monkeypatch.delenv("DQPROF_GIT_COMMIT")
+    assert git_commit()["commit"] != "f" * 40

@@ -26,13 +26,18 @@ def versions() -> dict[str, str | None]:
 
 
 def git_commit() -> dict[str, Any]:
+    # A tree copied onto another machine may carry a stale .git (seen on the lent GPU machine:
+    # HEAD one commit behind, the difference showing as "dirty"); whoever copied it knows the
+    # commit, so DQPROF_GIT_COMMIT wins over git.
+    named = os.environ.get("DQPROF_GIT_COMMIT")
+    if named:
+        return {"commit": named, "dirty": None, "source": "DQPROF_GIT_COMMIT"}
     root = Path(__file__).resolve().parents[2]
     try:
         sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
                              text=True, timeout=5).stdout.strip()
         if not re.fullmatch(r"[0-9a-f]{40}", sha):  # no history here (a copied tree):
-            # the caller may know the commit (DQPROF_GIT_COMMIT), not whether it was edited
-            return {"commit": os.environ.get("DQPROF_GIT_COMMIT") or None, "dirty": None}
+            return {"commit": None, "dirty": None}
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--",
                                 "dqprof"], capture_output=True, text=True, timeout=5).stdout
         return {"commit": sha, "dirty": bool(dirty.strip())}
@@ -51,6 +56,7 @@ def gpu_info(device_index: int = 0) -> dict[str, Any]:
         "memory_bytes": p.total_memory,
         "l2_bytes": getattr(p, "L2_cache_size", None),
         "cuda_runtime": torch.version.cuda,
+        "uuid": str(getattr(p, "uuid", "")) or None,  # ties the records to NVML's device
     }
 
 

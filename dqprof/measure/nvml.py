@@ -30,6 +30,7 @@ class Nvml:
     pynvml: Any
     handle: Any
     energy_supported: bool
+    matched: str = ""  # how this handle was tied to the CUDA device (records show it)
 
     def energy_mj(self) -> int:
         """The board's total-energy counter in millijoules (monotonic since driver load)."""
@@ -74,11 +75,52 @@ class Nvml:
             "max_sm_clock_mhz": self._try("nvmlDeviceGetMaxClockInfo", p.NVML_CLOCK_SM),
             "max_mem_clock_mhz": self._try("nvmlDeviceGetMaxClockInfo", p.NVML_CLOCK_MEM),
             "energy_counter": self.energy_supported,
+            "uuid": _nvml_uuid(p, self.handle),
+            "matched": self.matched,
         }
 
 
+def _torch_uuid(device_index: int) -> str | None:
+    """The CUDA device's UUID as NVML writes it ("GPU-..."), or None where torch lacks it."""
+    try:
+        import torch
+
+        uuid = str(torch.cuda.get_device_properties(device_index).uuid)
+    except Exception:
+        return None
+    return uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+
+
+def _nvml_uuid(pynvml: Any, handle: Any) -> str | None:
+    try:
+        uuid = pynvml.nvmlDeviceGetUUID(handle)
+    except Exception:
+        return None
+    return uuid.decode() if isinstance(uuid, bytes) else str(uuid)
+
+
+def _find_handle(pynvml: Any, device_index: int) -> tuple[Any, str]:
+    """NVML's handle for CUDA device ``device_index``, and how it was matched.
+
+    NVML numbers every GPU of the host; CUDA numbers the visible ones (CUDA_VISIBLE_DEVICES),
+    so index 0 is only the same GPU when nothing is hidden. Matching by UUID is exact; a bare
+    index is used only where no GPU is hidden, never as a silent guess.
+    """
+    uuid = _torch_uuid(device_index)
+    if uuid is not None:
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            if _nvml_uuid(pynvml, handle) == uuid:
+                return handle, f"uuid {uuid} (NVML index {i})"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return pynvml.nvmlDeviceGetHandleByIndex(device_index), f"index {device_index}"
+    raise LookupError(f"cannot tell which NVML device is CUDA device {device_index} "
+                      f"(CUDA_VISIBLE_DEVICES={visible!r}, no UUID match)")
+
+
 def open_nvml(device_index: int = 0) -> tuple[Nvml | None, str | None]:
-    """NVML for the CUDA device ``device_index`` (matched by PCI bus id), or (None, why)."""
+    """NVML for the CUDA device ``device_index`` (matched by UUID), or (None, why)."""
     try:
         import pynvml
     except ImportError:
@@ -87,21 +129,13 @@ def open_nvml(device_index: int = 0) -> tuple[Nvml | None, str | None]:
         pynvml.nvmlInit()
     except Exception as e:
         return None, f"NVML could not start: {e}"
-    handle = None
     try:
-        import torch
-
-        props = torch.cuda.get_device_properties(device_index)
-        bus = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
-        handle = pynvml.nvmlDeviceGetHandleByPciBusId_v2(bus.encode())
-    except Exception:
-        try:  # fall back to NVML's own numbering (right when CUDA_VISIBLE_DEVICES is unset)
-            handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
-        except Exception as e:
-            return None, f"NVML has no handle for device {device_index}: {e}"
+        handle, matched = _find_handle(pynvml, device_index)
+    except Exception as e:
+        return None, f"NVML has no handle for CUDA device {device_index}: {e}"
     try:
         pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
         supported = True
     except Exception:
         supported = False
-    return Nvml(pynvml, handle, supported), None
+    return Nvml(pynvml, handle, supported, matched), None
