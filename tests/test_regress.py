@@ -219,6 +219,38 @@ def test_energy_of_a_drifting_point_is_not_flagged(tmp_path):
     assert gate(tmp_path, base, cur).exit_code == 0
 
 
+def _edit(run: Path, key: str, fn) -> None:
+    records = [json.loads(line) for line in (run / "kernels.jsonl").read_text().splitlines()]
+    for r in records:
+        if r["key"] == key:
+            fn(r)
+    (run / "kernels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_power_capped_point_is_timed_by_its_sustained_figure(tmp_path):
+    """At the power cap the burst median follows the clocks the previous point left; the gate
+    compares the sustained time per call of the energy window there (H200: burst 286 -> 372 us
+    in a rerun of one commit, sustained 334 -> 335 us)."""
+    capped = point_key("gemma-4-e4b", "mlp.gate_up_proj", 2048, "bf16")
+
+    def cap(burst: float, sustained: float):
+        def fn(r: dict) -> None:
+            r["time"].update(median_s=burst, q1_s=burst, q3_s=burst, rel_spread=0.001)
+            r["energy"]["s_per_call_in_window"] = sustained
+            r["gpu_state"] = {"throttle": ["sw_power_cap"]}
+        return fn
+
+    base = make_run(tmp_path / "base", seed=1)
+    _edit(base, capped, cap(286e-6, 334e-6))
+    rerun = make_run(tmp_path / "rerun", seed=2)
+    _edit(rerun, capped, cap(372e-6, 335e-6))
+    assert gate(tmp_path, base, rerun).exit_code == 0
+    slow = make_run(tmp_path / "slow", seed=3)
+    _edit(slow, capped, cap(372e-6, 420e-6))  # sustained +26 %: a real slowdown
+    assert gate(tmp_path, base, slow).exit_code == 1
+    assert list(junit_failures(tmp_path)) == [junit_name(capped)]
+
+
 def test_point_failed_now_is_a_regression(tmp_path):
     base = make_run(tmp_path / "base", seed=1)
     broken = {**record(("mlp.down_proj", 16, "bnb-nf4"), {}, None), "status": "failed",
