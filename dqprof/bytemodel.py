@@ -86,7 +86,7 @@ def int4_grouped(m: int, n: int, k: int, zero_points: str | None) -> Traffic:
     scales = BF16 * groups * n
     if zero_points == "int4":  # Marlin AWQ: packed 4-bit zero points
         scales += groups * n // 2
-    elif zero_points == "bf16":  # tinygemm: scales_and_zeros interleaves bf16 zeros
+    elif zero_points == "bf16":  # tinygemm (interleaved), Machete AWQ (-scale * zp): bf16 zeros
         scales += BF16 * groups * n
     return Traffic(weight=n * k // 2, scales=scales, act_in=BF16 * m * k, act_out=BF16 * m * n)
 

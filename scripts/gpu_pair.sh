@@ -21,7 +21,7 @@ export TORCHINDUCTOR_COMPILE_THREADS=8  # vLLM's compile must not starve the swe
 S=/tmp/dqprof-state; R=/tmp/dqprof-results; mkdir -p "$S" "$R/kernels" "$R/model"
 left() { echo $(( deadline - $(date +%s) )); }
 log() { echo "[$(date +%T)] $*"; }
-BACKENDS=bf16,bnb-nf4,bnb-dequant,marlin-gptq,marlin-awq,tinygemm-int4,triton-nf4
+BACKENDS=${BACKENDS:-bf16,bnb-nf4,bnb-dequant,marlin-gptq,marlin-awq,machete-gptq,machete-awq,tinygemm-int4,triton-nf4}
 
 kernel_stream() {
   export CUDA_VISIBLE_DEVICES=0 OUT=$R/kernels
@@ -35,8 +35,7 @@ kernel_stream() {
       --backends "$BACKENDS" --resume && touch "$S/k-sweep"
   fi
   [[ -f $S/k-sweep ]] || return
-  if [[ ! -f $S/k-gate ]]; then
-    (( $(left) > 300 )) || return  # ~250 s: a cut demo is redone whole
+  if [[ ! -f $S/k-gate ]] && (( $(left) > 300 )); then  # ~250 s: a cut demo is redone whole
     log "gate demo"; rm -rf /tmp/gate
     timeout --signal=KILL "$(left)" bash scripts/gpu_gate_demo.sh && touch "$S/k-gate"
   fi

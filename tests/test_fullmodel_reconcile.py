@@ -65,6 +65,12 @@ def test_backend_map() -> None:
     mlp = next(s for s in SHAPES if s.name == "mlp.down_proj")
     assert backend_for("gptq_marlin", lm) == "bf16"  # the tied head stays bf16
     assert backend_for("gptq_marlin", mlp) == "marlin-gptq"
+    # on Hopper vLLM logs Machete for GPTQ/AWQ: the prediction uses the Machete records
+    assert backend_for("gptq_marlin", mlp, "Machete") == "machete-gptq"
+    assert backend_for("awq_marlin", mlp, "Machete") == "machete-awq"
+    assert backend_for("awq_marlin", lm, "Machete") == "bf16"
+    assert backend_for("gptq_marlin", mlp, "Marlin") == "marlin-gptq"
+    assert backend_for("bitsandbytes", mlp, "Machete") == "bnb-nf4"
 
 
 def test_decode_exact_and_interpolated() -> None:

@@ -32,7 +32,12 @@ from dqprof.fullmodel.runner import (
     parse_quants,
 )
 from dqprof.fullmodel.synth import SynthOptions, synthesize
-from dqprof.fullmodel.worker import WorkerSpec, parse_attention_backend, run_points
+from dqprof.fullmodel.worker import (
+    WorkerSpec,
+    parse_attention_backend,
+    parse_linear_kernel,
+    run_points,
+)
 
 TICK = 0.1
 
@@ -459,3 +464,13 @@ def test_runner_keeps_out_of_kernel_run_folders(tmp_path: Path, tiny_ckpt: Path)
     with pytest.raises(DqprofError, match="'kernels' run"):
         Runner(cfg).run()
     assert not (tmp_path / "run" / "logs").exists()
+
+
+def test_linear_kernel_from_logs() -> None:
+    # the lines vLLM 0.20.2 printed on the H200 (profiles/h200/model-throughput/vllm-*.log)
+    assert parse_linear_kernel(["Using MacheteLinearKernel for GPTQMarlinLinearMethod"]) == \
+        "Machete"
+    assert parse_linear_kernel(["The model is convertible to awq_marlin during runtime.",
+                                "Using MacheteLinearKernel for AWQMarlinLinearMethod"]) == "Machete"
+    assert parse_linear_kernel(["Using MarlinLinearKernel for GPTQMarlinLinearMethod"]) == "Marlin"
+    assert parse_linear_kernel(["Using AttentionBackendEnum.TRITON_ATTN backend."]) is None

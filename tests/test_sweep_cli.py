@@ -250,3 +250,17 @@ def test_named_commit_wins_over_a_stale_git(monkeypatch) -> None:
     assert git_commit() == {"commit": "f" * 40, "dirty": None, "source": "DQPROF_GIT_COMMIT"}
     monkeypatch.delenv("DQPROF_GIT_COMMIT")
     assert git_commit()["commit"] != "f" * 40
+
+
+def test_machete_rules_without_a_gpu() -> None:
+    from dqprof.kernels import create
+    from dqprof.models.shapes import LinearShape
+
+    gptq, awq = create("machete-gptq"), create("machete-awq")
+    assert gptq.unavailable("cpu") and "cuda" in gptq.unavailable("cpu")
+    ok = LinearShape("mlp.down_proj", "mlp", 2560, 10240, (2560,), ("down",), 42, True)
+    assert gptq.supports(ok) is None
+    odd = LinearShape("odd", "mlp", 2560 + 64, 10240, (2624,), ("odd",), 1, True)
+    assert "N % 128" in gptq.supports(odd)
+    # AWQ's zero points reach Machete as bf16 -scale*zp per group: bf16 bytes, not int4
+    assert awq.traffic(ok, 1).scales == 2 * gptq.traffic(ok, 1).scales

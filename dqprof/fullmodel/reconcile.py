@@ -8,7 +8,9 @@ J/token = sum(E(M) * calls_per_token) / M over the per-token shapes, plus lm_hea
 once per sequence (on its last prompt token): E(lm_head, M=B) / (B*L), as one call at M=B
 (vLLM spreads it over the steps in which sequences finish their prefill).
 
-Backends: each quantization's quantized layers use its kernel backend (QUANT_BACKEND);
+Backends: each quantization's quantized layers use its kernel backend (QUANT_BACKEND), or the
+one vLLM reported picking (``engine.linear_kernel``: on Hopper, GPTQ and AWQ checkpoints run
+through Machete, not Marlin: KERNEL_BACKEND);
 layers vLLM keeps bf16 under every scheme (``LinearShape.quantized`` False: the tied lm_head)
 use the bf16 records. When the profile lacks the exact M, energy and time are interpolated
 linearly in log(M)-log(value) between the nearest measured M below and above ("log-interp"),
@@ -31,6 +33,9 @@ from dqprof.models.shapes import LinearShape
 
 QUANT_BACKEND = {"bf16": "bf16", "bitsandbytes": "bnb-nf4", "gptq_marlin": "marlin-gptq",
                  "awq_marlin": "marlin-awq"}
+# (quantization, the linear kernel vLLM logged) -> the kernel profile's path
+KERNEL_BACKEND = {("gptq_marlin", "Machete"): "machete-gptq",
+                  ("awq_marlin", "Machete"): "machete-awq"}
 UNQUANTIZED_BACKEND = "bf16"
 REMAINDER = ("attention", "norms and activations", "embedding and PLE gathers", "sampling",
              "host and scheduler gaps")
@@ -81,13 +86,15 @@ class Prediction:
         return out
 
 
-def backend_for(quant: str, shape: LinearShape) -> str:
+def backend_for(quant: str, shape: LinearShape, linear_kernel: str | None = None) -> str:
     if quant not in QUANT_BACKEND:
         from dqprof.errors import DqprofError
 
         raise DqprofError(f"no kernel backend for quantization '{quant}' "
                           f"(known: {', '.join(QUANT_BACKEND)})")
-    return QUANT_BACKEND[quant] if shape.quantized else UNQUANTIZED_BACKEND
+    if not shape.quantized:
+        return UNQUANTIZED_BACKEND
+    return KERNEL_BACKEND.get((quant, linear_kernel or ""), QUANT_BACKEND[quant])
 
 
 def _energy(rec: dict[str, Any], above_idle: bool) -> float | None:
@@ -130,7 +137,7 @@ def kernel_figures(records: list[dict[str, Any]], shape: LinearShape, backend: s
 
 def predict(records: list[dict[str, Any]], shapes: list[LinearShape], quant: str, phase: str,
             batch: int, prompt_len: int | None = None, chunk: int | None = None,
-            above_idle: bool = False) -> Prediction:
+            above_idle: bool = False, linear_kernel: str | None = None) -> Prediction:
     """Energy and time of the linear layers per token of ``phase`` at ``batch``."""
     if phase == "decode":
         m = batch
@@ -142,7 +149,7 @@ def predict(records: list[dict[str, Any]], shapes: list[LinearShape], quant: str
         raise ValueError(f"phase is decode or prefill, not {phase}")
     terms = []
     for s in shapes:
-        backend = backend_for(quant, s)
+        backend = backend_for(quant, s, linear_kernel)
         if phase == "prefill" and s.per_sequence:  # one call at M=B per B*L prompt tokens
             m_s, calls = batch, s.calls_per_token / (batch * prompt_len)
         else:  # one call per step of m tokens
@@ -186,12 +193,13 @@ def reconcile(model_records: list[dict[str, Any]], kernel_records: list[dict[str
     for r in model_records:
         if r.get("status") != "ok" or r.get("quant") not in QUANT_BACKEND:
             continue
-        chunk = (r.get("engine") or {}).get("max_num_batched_tokens")
+        engine = r.get("engine") or {}
+        chunk = engine.get("max_num_batched_tokens")
         idle = r.get("idle_power_w")
         for phase in ("decode", "prefill"):
             meas = r.get(phase) or {}
             p = predict(kernel_records, shapes, r["quant"], phase, r["batch"],
-                        r.get("input_len"), chunk, above_idle)
+                        r.get("input_len"), chunk, above_idle, engine.get("linear_kernel"))
             mj, pj = meas.get(key), p.j_per_token
             ms, ps = meas.get("s_per_token"), p.s_per_token
             idle_part = None

@@ -36,6 +36,9 @@ ENGINE_MODES = ("default", "graphs", "eager")
 BACKEND_PATTERNS = (re.compile(r"Using (?:AttentionBackendEnum\.)?([A-Z][A-Z0-9_]+) "
                                r"(?:attention )?backend"),
                     re.compile(r"Forcing ([A-Z][A-Z0-9_]+)"))
+# vLLM names the mixed-precision GEMM it picked, e.g. "Using MacheteLinearKernel for
+# GPTQMarlinLinearMethod" (Hopper) or "Using MarlinLinearKernel for ..." (elsewhere)
+LINEAR_KERNEL = re.compile(r"Using (\w+?)LinearKernel for")
 
 
 @dataclass
@@ -84,6 +87,15 @@ def parse_attention_backend(messages: list[str]) -> str | None:
     return found
 
 
+def parse_linear_kernel(messages: list[str]) -> str | None:
+    """The quantized-linear kernel vLLM reports choosing ("Machete", "Marlin", ...), or None."""
+    found = None
+    for m in messages:
+        if hit := LINEAR_KERNEL.search(m):
+            found = hit.group(1)
+    return found
+
+
 class _Capture(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.INFO)
@@ -94,7 +106,7 @@ class _Capture(logging.Handler):
             msg = record.getMessage()
         except Exception:  # a malformed log call must not break the run
             return
-        if "backend" in msg.lower() or "Forcing" in msg:
+        if "backend" in msg.lower() or "Forcing" in msg or "LinearKernel" in msg:
             self.messages.append(msg)
 
 
@@ -163,6 +175,7 @@ class VllmEngine:
             "attention_backend": (str(backend).split(".")[-1] if backend is not None else None)
             or parse_attention_backend(self.capture.messages),
             "attention_log": self.capture.messages[-5:],
+            "linear_kernel": parse_linear_kernel(self.capture.messages),
             "quantization": _plain(_dig(vc, "model_config.quantization")),
             "dtype": _plain(_dig(vc, "model_config.dtype")),
             "max_num_batched_tokens": _plain(_dig(vc, "scheduler_config.max_num_batched_tokens")),

@@ -20,7 +20,7 @@ def register(cls: type[Backend]) -> type[Backend]:
 
 def _load_all() -> None:
     # Importing a module registers its backends; none imports an optional package at import time.
-    from dqprof.kernels import bf16, bnb, marlin, tinygemm, triton_nf4  # noqa: F401
+    from dqprof.kernels import bf16, bnb, machete, marlin, tinygemm, triton_nf4  # noqa: F401
 
 
 def backend_names() -> list[str]:

@@ -12,8 +12,8 @@ from collections.abc import Callable
 CATEGORIES = ("dequant", "gemm", "cast/copy", "other")
 _RULES = (
     ("dequant", re.compile(r"dequant", re.I)),
-    ("gemm", re.compile(r"gemm|gemv|nvjet|xmma|cutlass|marlin|tinygemm|int4pack|matmul|wgmma|"
-                        r"splitK|sm\d\d_|ampere_|hopper_|nf4_mm", re.I)),
+    ("gemm", re.compile(r"gemm|gemv|nvjet|xmma|cutlass|marlin|machete|tinygemm|int4pack|"
+                        r"matmul|wgmma|splitK|sm\d\d_|ampere_|hopper_|nf4_mm", re.I)),
     ("cast/copy", re.compile(r"copy|memcpy|memset|cast|fill|elementwise", re.I)),
 )
 
