@@ -4,6 +4,8 @@
 # own NVML counter and power limit, so neither stream's energy sees the other's work.
 #
 #   DQPROF_GIT_COMMIT=<sha> bash scripts/gpu_pair.sh BUDGET_S      (on the GPU machine)
+#   SEED_RUN=profiles/h200 ...   the sweep extends that profile (only paths it lacks run)
+#   BACKENDS=...                 the sweep's paths (default: all of them)
 #
 # Every call continues where the last one stopped (state in /tmp survives while the machine
 # is held): steps finished are marked done; a cut sweep or matrix resumes; a step that would
@@ -30,6 +32,10 @@ kernel_stream() {
   fi
   if [[ ! -f $S/k-sweep ]]; then
     (( $(left) > 60 )) || return
+    if [[ -n "${SEED_RUN:-}" && ! -f /tmp/runs/h200/kernels.jsonl ]]; then
+      # extend a committed profile: --resume measures only the points it lacks (new paths)
+      mkdir -p /tmp/runs/h200 && cp "$SEED_RUN"/kernels.jsonl "$SEED_RUN"/run.json /tmp/runs/h200/
+    fi
     log "full sweep, $(left) s left"
     RUN_DIR=/tmp/runs/h200 SKIP_ENV=1 bash scripts/gpu_session.sh "$(left)" \
       --backends "$BACKENDS" --resume && touch "$S/k-sweep"

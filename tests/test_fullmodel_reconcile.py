@@ -140,6 +140,9 @@ def test_reconcile_explains_a_fraction() -> None:
     assert above.predicted_j_per_token == pytest.approx(pred.j_per_token / 2)
     failed = {**rec, "status": "failed"}
     assert reconcile([failed], KREC, SHAPES) == []
+    # a flagged phase (decode as a sliver of a prefill-heavy call) is not reconciled
+    sliver = {**rec, "decode": {**rec["decode"], "flag": "decode is 4% of the call"}}
+    assert [r.phase for r in reconcile([sliver], KREC, SHAPES)] == ["prefill"]
 
 
 def test_plot(tmp_path: Path) -> None:

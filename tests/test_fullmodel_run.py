@@ -172,6 +172,12 @@ def test_derive_splits_prefill_and_decode() -> None:
     assert d["j_per_output_token"] == pytest.approx(400 / 44)
     assert d["power_w"] == pytest.approx(200.0)
     assert "max_tokens=1" in d["split_method"]
+    assert d["decode"]["share_of_call"] == pytest.approx(0.75) and d["decode"]["flag"] is None
+    # a prefill-heavy call leaves decode a sliver of the call: flagged, not trusted
+    heavy = W.derive(p, full, W.Window(calls=10, seconds=19.0, tokens_in=4000, tokens_out=40,
+                                       energy_j=3900.0), idle_w=50.0)
+    assert heavy["decode"]["share_of_call"] == pytest.approx(0.05)
+    assert "decode-heavy" in heavy["decode"]["flag"]
     no_energy = W.derive(p, W.Window(2, 4.0, 800, 88), W.Window(10, 5.0, 4000, 40), None)
     assert no_energy["decode"]["j_per_token"] is None and no_energy["tokens_per_s"] == 22.0
 

@@ -198,6 +198,8 @@ def reconcile(model_records: list[dict[str, Any]], kernel_records: list[dict[str
         idle = r.get("idle_power_w")
         for phase in ("decode", "prefill"):
             meas = r.get(phase) or {}
+            if meas.get("flag"):  # e.g. decode of a prefill-heavy call: mostly noise
+                continue
             p = predict(kernel_records, shapes, r["quant"], phase, r["batch"],
                         r.get("input_len"), chunk, above_idle, engine.get("linear_kernel"))
             mj, pj = meas.get(key), p.j_per_token

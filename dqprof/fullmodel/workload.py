@@ -24,6 +24,9 @@ from dqprof.errors import DqprofError
 SPLIT_METHOD = ("prefill = a max_tokens=1 call at the same batch and prompt length; "
                 "decode = full call minus prefill call, over batch*(output_len-1) tokens")
 TICK_S = 0.1  # the H200's NVML energy counter period, for estimates only
+# Below this share of the call, the decode figure (a difference of two measured calls) is
+# mostly their noise: on the H200, 2048-in/16-out at batch 32 left decode 8 % of the call.
+MIN_DECODE_SHARE = 0.25
 FIRST_TOKEN_ID = 3  # skip pad/eos/bos (0, 1, 2 in Gemma)
 
 
@@ -167,6 +170,11 @@ def derive(point: Point, full: Window, prefill: Window, idle_w: float | None) ->
 
     out_tok, in_tok, dec_tok = b * w.output_len, b * w.input_len, b * (w.output_len - 1)
     ed = ef - ep if ef is not None and ep is not None else None
+    share = (tf - tp) / tf
+    flag = None
+    if share < MIN_DECODE_SHARE:
+        flag = (f"decode is {share:.0%} of the call: a small difference of two measured calls; "
+                f"take decode figures from a decode-heavy workload")
     return {
         "s_per_call": tf, "prefill_s_per_call": tp,
         "j_per_call": ef, "prefill_j_per_call": ep,
@@ -183,7 +191,8 @@ def derive(point: Point, full: Window, prefill: Window, idle_w: float | None) ->
         "decode": {"tokens": dec_tok, "s_per_token": (tf - tp) / dec_tok,
                    "tokens_per_s": dec_tok / (tf - tp) if tf > tp else None,
                    "j_per_token": _per(ed, dec_tok),
-                   "j_per_token_above_idle": _per(above(ed, tf - tp), dec_tok)},
+                   "j_per_token_above_idle": _per(above(ed, tf - tp), dec_tok),
+                   "share_of_call": share, "flag": flag},
         "idle_power_w": idle_w,
         "split_method": SPLIT_METHOD,
     }
