@@ -190,13 +190,17 @@ def energy_noise(rec: dict[str, Any]) -> float:
     cap (clocks sag as the board heats), and exactly those points moved up to 7 % in energy
     between two back-to-back runs of one commit; quiet points keep a gap of 1-2 %.
     """
-    window = dig(rec, "energy", "window_s")
-    edge = 2 * ENERGY_EDGE_S / window if _positive(window) else 0.0
     drift = 0.0
     sustained, burst = dig(rec, "energy", "s_per_call_in_window"), dig(rec, "time", "median_s")
     if _positive(sustained) and _positive(burst):
         drift = abs(sustained / burst - 1)
-    return math.sqrt(time_noise(rec) ** 2 + edge**2 + drift**2)
+    return math.sqrt(time_noise(rec) ** 2 + window_edge(rec) ** 2 + drift**2)
+
+
+def window_edge(rec: dict[str, Any]) -> float:
+    """The energy window's call-count resolution: about one chunk at each end."""
+    window = dig(rec, "energy", "window_s")
+    return 2 * ENERGY_EDGE_S / window if _positive(window) else 0.0
 
 
 def power_capped(rec: dict[str, Any]) -> bool:
@@ -210,9 +214,7 @@ def sustained_time(rec: dict[str, Any]) -> float | None:
 
 
 def sustained_noise(rec: dict[str, Any]) -> float:
-    window = dig(rec, "energy", "window_s")
-    edge = 2 * ENERGY_EDGE_S / window if _positive(window) else 0.0
-    return math.hypot(edge, time_noise(rec))
+    return math.hypot(window_edge(rec), time_noise(rec))
 
 
 def time_change(base: dict[str, Any], cur: dict[str, Any], gate: Gate) -> tuple[Change, str]:
