@@ -14,9 +14,11 @@ through Machete, not Marlin: KERNEL_BACKEND);
 layers vLLM keeps bf16 under every scheme (``LinearShape.quantized`` False: the tied lm_head)
 use the bf16 records. When the profile lacks the exact M, energy and time are interpolated
 linearly in log(M)-log(value) between the nearest measured M below and above ("log-interp"),
-or taken from the nearest measured M outside the measured range ("nearest"); each term says
-which. Records are matched on layer name, N and K, so a profile of the full model predicts a
-cut (``--layers``) model too: calls per token come from the model's own shapes.
+taken from the smallest measured M below the measured range ("nearest": small GEMMs cost about
+the same per call), or scaled in proportion to M from the largest one above it
+("linear-extrap": large GEMMs are compute-bound); each term says which. Records are matched
+on layer name, N and K, so a profile of the full model predicts a cut (``--layers``) model
+too: calls per token come from the model's own shapes.
 
 What the linear layers do not explain is the remainder: attention, norms and activations,
 embedding and PLE gathers, sampling, host/scheduler gaps and, on the total basis, the idle
@@ -49,7 +51,7 @@ class Term:
     backend: str
     m: int
     calls: float  # kernel calls per token of this phase (calls_per_token / tokens per call)
-    method: str  # exact, log-interp, nearest, missing
+    method: str  # exact, log-interp, nearest, linear-extrap, missing
     m_used: tuple[int, ...]
     j_per_call: float | None
     s_per_call: float | None
@@ -116,6 +118,11 @@ def _interp(points: dict[int, float], m: int) -> tuple[float | None, str, tuple[
     at = value_at(list(points), list(points.values()), m)
     if at is None:
         return None, "missing", ()
+    if at.method == "nearest" and m > at.m_used[0]:
+        # past the largest measured M a GEMM is compute-bound: its per-call time and energy
+        # grow with M (holding the per-call figure flat made vLLM's 16384-token prefill
+        # chunks look 4x cheaper than the M=4096 measurement they came from)
+        return at.value * m / at.m_used[0], "linear-extrap", at.m_used
     return at.value, _METHOD[at.method], at.m_used
 
 
