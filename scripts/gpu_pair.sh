@@ -6,6 +6,7 @@
 #   DQPROF_GIT_COMMIT=<sha> bash scripts/gpu_pair.sh BUDGET_S      (on the GPU machine)
 #   SEED_RUN=profiles/h200 ...   the sweep extends that profile (only paths it lacks run)
 #   BACKENDS=...                 the sweep's paths (default: all of them)
+#   SKIP_STEPS="k-gate k-ab"     steps to leave out (k-tests k-sweep k-gate k-ab m-tests)
 #
 # Every call continues where the last one stopped (state in /tmp survives while the machine
 # is held): steps finished are marked done; a cut sweep or matrix resumes; a step that would
@@ -23,6 +24,7 @@ export TORCHINDUCTOR_COMPILE_THREADS=8  # vLLM's compile must not starve the swe
 S=/tmp/dqprof-state; R=/tmp/dqprof-results; mkdir -p "$S" "$R/kernels" "$R/model"
 left() { echo $(( deadline - $(date +%s) )); }
 log() { echo "[$(date +%T)] $*"; }
+for step in ${SKIP_STEPS:-}; do touch "$S/$step"; done  # marked done: never run
 BACKENDS=${BACKENDS:-bf16,bnb-nf4,bnb-dequant,marlin-gptq,marlin-awq,machete-gptq,machete-awq,tinygemm-int4,triton-nf4}
 
 kernel_stream() {
