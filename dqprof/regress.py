@@ -224,7 +224,8 @@ def time_change(base: dict[str, Any], cur: dict[str, Any], gate: Gate) -> tuple[
     previous point left behind: on the H200 two back-to-back runs of one commit timed bf16
     gate_up at M=2048 at 286 and 372 us, while the sustained time per call inside the 0.5 s
     energy windows was 334 and 335 us. So a point capped on either side is compared on the
-    sustained figure; uncapped points keep the burst median (sustained/burst 0.996-1.004).
+    sustained figure; uncapped points keep the burst median (sustained/burst 0.996-1.004,
+    10th-90th percentile, on the H200 profile).
     """
     k = gate.noise_k
     sb, sc = sustained_time(base), sustained_time(cur)
