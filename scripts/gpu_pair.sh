@@ -7,6 +7,10 @@
 #   SEED_RUN=profiles/h200 ...   the sweep extends that profile (only paths it lacks run)
 #   BACKENDS=...                 the sweep's paths (default: all of them)
 #   SKIP_STEPS="k-gate k-ab"     steps to leave out (k-tests k-sweep k-gate k-ab m-tests)
+#   TESTS_K=machete              only the GPU tests matching this pytest -k expression
+#
+# On a 1-GPU machine the streams run one after the other on GPU 0, the model stream first and
+# the kernel stream in what a call has left, so no energy window sees the other stream's work.
 #
 # Every call continues where the last one stopped (state in /tmp survives while the machine
 # is held): steps finished are marked done; a cut sweep or matrix resumes; a step that would
@@ -27,8 +31,11 @@ log() { echo "[$(date +%T)] $*"; }
 for step in ${SKIP_STEPS:-}; do touch "$S/$step"; done  # marked done: never run
 BACKENDS=${BACKENDS:-bf16,bnb-nf4,bnb-dequant,marlin-gptq,marlin-awq,machete-gptq,machete-awq,tinygemm-int4,triton-nf4}
 
+NGPU=$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)
+KGPU=0; MGPU=$(( NGPU > 1 ? 1 : 0 ))
+
 kernel_stream() {
-  export CUDA_VISIBLE_DEVICES=0 OUT=$R/kernels
+  export CUDA_VISIBLE_DEVICES=$KGPU OUT=$R/kernels
   if [[ ! -f $S/k-tests ]]; then
     log "kernel GPU tests"; RUN_GPU_TESTS=1 bash scripts/gpu_session.sh && touch "$S/k-tests"
   fi
@@ -70,7 +77,7 @@ PY
 }
 
 model_stream() {
-  export CUDA_VISIBLE_DEVICES=1 OUT=$R/model
+  export CUDA_VISIBLE_DEVICES=$MGPU OUT=$R/model
   if [[ ! -f $S/m-tests ]]; then
     (( $(left) > 200 )) || return
     log "full-model GPU tests"
@@ -78,7 +85,8 @@ model_stream() {
   fi
   for q in bf16 bitsandbytes gptq_marlin awq_marlin; do
     quant_done $q && continue
-    (( $(left) > 240 )) || return  # an engine start alone takes a minute or two
+    # an engine start alone takes 2-2.5 min and a whole matrix ~5: a start cut short is wasted
+    (( $(left) > ${MIN_QUANT_S:-240} )) || return
     log "model matrix $q, $(left) s left"
     bash scripts/gpu_fullmodel.sh "$(left)" $q
   done
@@ -86,11 +94,17 @@ model_stream() {
 
 nvidia-smi --query-gpu=index,name,driver_version,power.limit,temperature.gpu,memory.used \
   --format=csv
-kernel_stream > "$R/kernel-stream.log" 2>&1 &
-kpid=$!
-model_stream > "$R/model-stream.log" 2>&1 &
-mpid=$!
-wait $kpid $mpid
+if (( NGPU > 1 )); then
+  kernel_stream >> "$R/kernel-stream.log" 2>&1 &
+  kpid=$!
+  model_stream >> "$R/model-stream.log" 2>&1 &
+  mpid=$!
+  wait $kpid $mpid
+else
+  # the kernel stream is resumable point by point: it fills what the matrix leaves of a call
+  MIN_QUANT_S=300 model_stream >> "$R/model-stream.log" 2>&1
+  kernel_stream >> "$R/kernel-stream.log" 2>&1
+fi
 log "streams done after $(( $(date +%s) - start )) s; state: $(ls "$S" | tr '\n' ' ')"
 for f in kernel-stream model-stream; do
   echo "=== $f"; grep -v -E '^\s*$|Warning|warn\(' "$R/$f.log" | tail -n 30 | cut -c1-190

@@ -17,8 +17,8 @@ if [[ "${RUN_GPU_TESTS:-0}" == 1 ]]; then
   log "gpu tests"
   # the full-model GPU tests start vLLM engines (minutes): scripts/gpu_fullmodel.sh runs them
   timeout 300 python3 -m pytest -m gpu -q --no-header -p no:cacheprovider tests \
-    --ignore tests/test_fullmodel_gpu.py 2>&1 \
-    | tee "$OUT/gpu-tests.log" | tail -25
+    --ignore tests/test_fullmodel_gpu.py ${TESTS_K:+-k "$TESTS_K"} 2>&1 \
+    | tee "$OUT/gpu-tests${TESTS_K:+-$TESTS_K}.log" | tail -25
 fi
 if [[ $# -gt 0 ]]; then
   log "bench $*"

@@ -21,7 +21,8 @@ pytestmark = [
 ]
 
 SHAPES = {s.name: s for s in linear_shapes(load_config("gemma-4-e4b"))}
-QUANTIZED = ("bnb-nf4", "bnb-dequant", "marlin-gptq", "marlin-awq", "tinygemm-int4", "triton-nf4")
+QUANTIZED = ("bnb-nf4", "bnb-dequant", "marlin-gptq", "marlin-awq", "machete-gptq", "machete-awq",
+             "tinygemm-int4", "triton-nf4")
 
 
 @pytest.mark.parametrize("backend", ("bf16",) + QUANTIZED)
