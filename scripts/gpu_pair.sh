@@ -95,15 +95,15 @@ model_stream() {
 nvidia-smi --query-gpu=index,name,driver_version,power.limit,temperature.gpu,memory.used \
   --format=csv
 if (( NGPU > 1 )); then
-  kernel_stream >> "$R/kernel-stream.log" 2>&1 &
+  ( kernel_stream ) >> "$R/kernel-stream.log" 2>&1 &
   kpid=$!
   model_stream >> "$R/model-stream.log" 2>&1 &
   mpid=$!
   wait $kpid $mpid
 else
   # the kernel stream is resumable point by point: it fills what the matrix leaves of a call
-  MIN_QUANT_S=300 model_stream >> "$R/model-stream.log" 2>&1
-  kernel_stream >> "$R/kernel-stream.log" 2>&1
+  ( MIN_QUANT_S=300 model_stream ) >> "$R/model-stream.log" 2>&1
+  ( kernel_stream ) >> "$R/kernel-stream.log" 2>&1
 fi
 log "streams done after $(( $(date +%s) - start )) s; state: $(ls "$S" | tr '\n' ' ')"
 for f in kernel-stream model-stream; do
