@@ -73,6 +73,25 @@ def test_backend_map() -> None:
     assert backend_for("bitsandbytes", mlp, "Machete") == "bnb-nf4"
 
 
+def test_machete_stands_in_labelled_only_when_the_profile_lacks_it() -> None:
+    # KREC has no Machete records: Marlin stands in, and every quantized term says so
+    p = predict(KREC, SHAPES, "gptq_marlin", "decode", 1, linear_kernel="Machete")
+    assert p.j_per_token == pytest.approx(predict(KREC, SHAPES, "gptq_marlin", "decode", 1)
+                                          .j_per_token)
+    assert p.proxies == {"machete-gptq": "marlin-gptq"}
+    quantized = [t for t in p.terms if t.layer != "lm_head"]
+    assert quantized and all(t.proxy_for == "machete-gptq" for t in quantized)
+    assert next(t for t in p.terms if t.layer == "lm_head").proxy_for == ""
+    # with Machete records the real kernel is used and nothing stands in
+    machete = [{**r, "backend": "machete-gptq", "energy": {"j_per_call": 3.0}}
+               for r in KREC if r["backend"] == "marlin-gptq"]
+    q = predict(KREC + machete, SHAPES, "gptq_marlin", "decode", 1, linear_kernel="Machete")
+    assert q.proxies == {} and {t.backend for t in q.terms} == {"machete-gptq", "bf16"}
+    assert next(t for t in q.terms if t.layer == "mlp.down_proj").j_per_call == 3.0
+    # no stand-in for a kernel that has none: bitsandbytes without records stays missing
+    assert predict(KREC, SHAPES, "bitsandbytes", "decode", 1).j_per_token is None
+
+
 def test_decode_exact_and_interpolated() -> None:
     p1 = predict(KREC, SHAPES, "gptq_marlin", "decode", 1)
     expected = sum(_e(backend_for("gptq_marlin", s), s.n, s.k, 1) * s.calls_per_token

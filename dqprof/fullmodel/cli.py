@@ -175,6 +175,7 @@ def reconcile_cmd(
 
     for r in rows:
         interp = ", ".join(f"{k} {v}" for k, v in sorted(r.methods.items()))
+        interp += "".join(f"; {b} for {k}" for k, b in r.proxies.items())
         t.add_row(r.quant, r.workload, str(r.batch), r.phase, str(r.m),
                   f(r.measured_j_per_token), f(r.predicted_j_per_token),
                   f(r.explained_fraction, ".0%"), f(r.remainder_j_per_token), interp)

@@ -11,6 +11,9 @@ once per sequence (on its last prompt token): E(lm_head, M=B) / (B*L), as one ca
 Backends: each quantization's quantized layers use its kernel backend (QUANT_BACKEND), or the
 one vLLM reported picking (``engine.linear_kernel``: on Hopper, GPTQ and AWQ checkpoints run
 through Machete, not Marlin: KERNEL_BACKEND);
+when the profile has no records of that kernel (measured before the Machete paths existed),
+the same checkpoint format's other fused kernel stands in (PROXY_BACKEND: Marlin for
+Machete), and every term and row says so (``proxy_for``, ``proxies``);
 layers vLLM keeps bf16 under every scheme (``LinearShape.quantized`` False: the tied lm_head)
 use the bf16 records. When the profile lacks the exact M, energy and time are interpolated
 linearly in log(M)-log(value) between the nearest measured M below and above ("log-interp"),
@@ -38,6 +41,9 @@ QUANT_BACKEND = {"bf16": "bf16", "bitsandbytes": "bnb-nf4", "gptq_marlin": "marl
 # (quantization, the linear kernel vLLM logged) -> the kernel profile's path
 KERNEL_BACKEND = {("gptq_marlin", "Machete"): "machete-gptq",
                   ("awq_marlin", "Machete"): "machete-awq"}
+# the kernel vLLM ran -> the profile's stand-in for it: same int4 format, group size and
+# weight bytes; the time and energy differ (the reason for preferring the real kernel)
+PROXY_BACKEND = {"machete-gptq": "marlin-gptq", "machete-awq": "marlin-awq"}
 UNQUANTIZED_BACKEND = "bf16"
 REMAINDER = ("attention", "norms and activations", "embedding and PLE gathers", "sampling",
              "host and scheduler gaps")
@@ -57,6 +63,7 @@ class Term:
     s_per_call: float | None
     j_per_token: float | None
     s_per_token: float | None
+    proxy_for: str = ""  # the kernel vLLM ran, when ``backend`` stands in for it
 
 
 @dataclass
@@ -80,6 +87,11 @@ class Prediction:
     @property
     def missing(self) -> list[str]:
         return [t.layer for t in self.terms if t.method == "missing"]
+
+    @property
+    def proxies(self) -> dict[str, str]:
+        """{kernel vLLM ran: profile backend that stood in for it}"""
+        return {t.proxy_for: t.backend for t in self.terms if t.proxy_for}
 
     def by_group(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -162,9 +174,14 @@ def predict(records: list[dict[str, Any]], shapes: list[LinearShape], quant: str
         else:  # one call per step of m tokens
             m_s, calls = m, s.calls_per_token / m
         e, t, method, used = kernel_figures(records, s, backend, m_s, above_idle)
+        proxy_for = ""
+        if method == "missing" and backend in PROXY_BACKEND:
+            proxy_for, backend = backend, PROXY_BACKEND[backend]
+            e, t, method, used = kernel_figures(records, s, backend, m_s, above_idle)
         jpt = e * calls if e is not None else None
         spt = t * calls if t is not None else None
-        terms.append(Term(s.name, s.group, backend, m_s, calls, method, used, e, t, jpt, spt))
+        terms.append(Term(s.name, s.group, backend, m_s, calls, method, used, e, t, jpt, spt,
+                          proxy_for))
     return Prediction(quant, phase, batch, m, terms)
 
 
@@ -187,6 +204,7 @@ class Reconciled:
     methods: dict[str, int] = field(default_factory=dict)  # how many terms used each method
     missing: list[str] = field(default_factory=list)
     by_group: dict[str, float] = field(default_factory=dict)
+    proxies: dict[str, str] = field(default_factory=dict)  # kernel vLLM ran: stand-in
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -222,5 +240,6 @@ def reconcile(model_records: list[dict[str, Any]], kernel_records: list[dict[str
                 pj / mj if mj and pj is not None else None,
                 mj - pj if mj is not None and pj is not None else None, ms, ps, idle_part,
                 list(REMAINDER) + ([] if above_idle else [IDLE_PART]),
-                "above_idle" if above_idle else "total", methods, p.missing, p.by_group()))
+                "above_idle" if above_idle else "total", methods, p.missing, p.by_group(),
+                p.proxies))
     return out
