@@ -27,10 +27,19 @@ def test_model_results_join_the_report(tmp_path) -> None:
     pred = predict(kernel, linear_shapes(load_config(MODEL)), "bf16", "decode", 1)
     with ModelRecordWriter(run) as w:  # the linears explain half of the measured J/token
         w.write(_model_record("bf16", 1, 2 * pred.j_per_token, 2 * pred.s_per_token))
+        w.write(_model_record("bitsandbytes", 1, 3 * pred.j_per_token, 3 * pred.s_per_token))
+        w.write({**base_record("tiny-llama", "gptq_marlin", "decode", 128, 512, 1),
+                 "status": "failed", "reason": "engine start: out of memory"})
     res = make_report([run], tmp_path / "out")
     assert (tmp_path / "out" / "reconciliation.png").exists()
     assert "bf16 B=1: 50%" in (tmp_path / "out" / "report.html").read_text()
     assert not any("reconciliation" in x for x in res.left_out)
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "| bitsandbytes | decode | 1 | decode |" in md
+    bnb = next(line for line in md.splitlines() if line.startswith("| bitsandbytes"))
+    assert "| 1.50x |" in bnb  # 3x vs 2x the linears' J/token
+    # every configuration has figures or its recorded reason
+    assert "gptq_marlin decode B=1: engine start: out of memory" in md
 
 
 def test_no_model_results_no_figure(tmp_path) -> None:

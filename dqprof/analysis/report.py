@@ -14,7 +14,7 @@ from dqprof.analysis.compare import FIGURES, align, ratio_by_m, ratio_summary
 from dqprof.analysis.compute import Analysis, analyze
 from dqprof.analysis.figures import compare_figures, run_figures
 from dqprof.analysis.frame import default_profile, load_runs, series_order
-from dqprof.analysis.fullmodel_figure import reconciliation_figure
+from dqprof.analysis.fullmodel_section import full_model_section
 from dqprof.errors import DqprofError
 
 DPI = 110
@@ -57,6 +57,7 @@ def make_report(paths: list[Path | str] | None, out: Path | str) -> ReportResult
     analyses: list[Analysis] = [analyze(r) for r in runs]
     prefixes = [f"{_slug(r.label)}-" if multi else "" for r in runs]
     figs = {}
+    full_model: dict[str, list] = {}  # prefix -> the full-model section's blocks
     comparison = None
     if aligned is not None:
         figures = [f for f in FIGURES if aligned[f"{f}_ratio"].notna().any()]
@@ -70,7 +71,7 @@ def make_report(paths: list[Path | str] | None, out: Path | str) -> ReportResult
         aligned.to_csv(csv, index=False)
     for a, prefix in zip(analyses, prefixes, strict=True):
         figs.update(run_figures(a, prefix))
-        recon, missed = reconciliation_figure(a.run, prefix)
+        recon, full_model[prefix], missed = full_model_section(a.run, prefix)
         figs.update(recon)
         left += missed
     files: list[Path] = [out / "comparison.csv"] if multi else []
@@ -79,7 +80,7 @@ def make_report(paths: list[Path | str] | None, out: Path | str) -> ReportResult
         png, written = _write_figure(fig, out, name)
         plots[name] = docs.Plot(name, caption, png)
         files += written
-    document = summary.build(analyses, plots, prefixes, comparison, left)
+    document = summary.build(analyses, plots, prefixes, comparison, left, full_model)
     md, html = out / "summary.md", out / "report.html"
     md.write_text(docs.to_markdown(document))
     title = document.blocks[0].text if document.blocks else "dqprof report"

@@ -37,7 +37,8 @@ def _plot(plots: dict[str, Plot], name: str) -> list[Plot]:
     return [plots[name]] if name in plots else []
 
 
-def run_blocks(a: Analysis, plots: dict[str, Plot], level: int = 2, prefix: str = "") -> list:
+def run_blocks(a: Analysis, plots: dict[str, Plot], level: int = 2, prefix: str = "",
+               full_model: list | None = None) -> list:
     h = level
     run = a.run
     counts = run.points["status"].value_counts()
@@ -79,20 +80,24 @@ def run_blocks(a: Analysis, plots: dict[str, Plot], level: int = 2, prefix: str 
                         f"{a.fit.j_per_flop * 1e12:.3g} pJ/FLOP above idle; median error "
                         f"{100 * a.fit.median_rel_err:.0f}% over {a.fit.points} points."))
     out += _plot(plots, prefix + "energy_roofline")
-    if prefix + "reconciliation" in plots:
-        out += [Heading(h, "Full model: kernels vs vLLM")] + _plot(plots, prefix + "reconciliation")
+    if full_model or prefix + "reconciliation" in plots:
+        out += [Heading(h, "Full model in vLLM: energy per token, and what the kernels explain")]
+        out += (full_model or []) + _plot(plots, prefix + "reconciliation")
     return out
 
 
 def build(analyses: list[Analysis], plots: dict[str, Plot], prefixes: list[str],
           comparison: tuple[pd.DataFrame, pd.DataFrame, list[str]] | None = None,
-          left_out: list[str] | None = None) -> Doc:
-    """The whole document: one run, or a comparison followed by each run."""
+          left_out: list[str] | None = None,
+          full_model: dict[str, list] | None = None) -> Doc:
+    """The whole document: one run, or a comparison followed by each run; ``full_model``:
+    each run's (by prefix) full-model blocks."""
+    full_model = full_model or {}
     doc = Doc()
     first = analyses[0].run
     if comparison is None:
         doc.add(Heading(1, f"dqprof report: {first.model} on {first.gpu}"))
-        doc.add(*run_blocks(analyses[0], plots, 2, prefixes[0]))
+        doc.add(*run_blocks(analyses[0], plots, 2, prefixes[0], full_model.get(prefixes[0])))
     else:
         summary, by_m, figures = comparison
         labels = ", ".join(a.run.label for a in analyses[1:])
@@ -111,7 +116,7 @@ def build(analyses: list[Analysis], plots: dict[str, Plot], prefixes: list[str],
             doc.add(*_plot(plots, "compare_" + ("time" if f == "time_s" else "energy")))
         for a, prefix in zip(analyses, prefixes, strict=True):
             doc.add(Heading(2, f"Run {a.run.label}: {a.run.model} on {a.run.gpu}"))
-            doc.add(*run_blocks(a, plots, 3, prefix))
+            doc.add(*run_blocks(a, plots, 3, prefix, full_model.get(prefix)))
     doc.add(Heading(2, "Method"), Items(METHOD))
     left = list(dict.fromkeys((left_out or []) + [x for a in analyses for x in a.left_out]))
     doc.add(Heading(2, "Left out"), Items(left) if left else Para("Nothing: every point and "

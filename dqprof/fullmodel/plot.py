@@ -1,8 +1,10 @@
 """The reconciliation figure: predicted linear-layer J/token, by group, against measured.
 
 One panel per phase (decode, prefill); one bar per (quantization, batch) of one workload:
-stacked predicted energy of each linear group, a hatched remainder up to the measured J/token,
-and the measured value as a black tick. Pure matplotlib (Agg); the report hooks it in.
+each linear group's predicted energy as a share of the measured J/token, stacked, with the
+hatched remainder up to 100 % and the measured J/token written above the bar. Shares, not
+joules: decode J/token falls ~50x from batch 1 to 128, which would flatten the large batches.
+A bar marked * used a stand-in kernel (Marlin for Machete). Pure matplotlib (Agg).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dqprof.fullmodel.reconcile import QUANT_BACKEND, reconcile
 from dqprof.models.shapes import LinearShape
 
 GROUP_ORDER = ("attn.qkv", "attn.o", "mlp.gate_up", "mlp.down", "ple", "lm_head")
+SHORT = {"bitsandbytes": "bnb", "gptq_marlin": "gptq", "awq_marlin": "awq"}  # tick labels
 
 
 def plot_reconciliation(model_records: list[dict[str, Any]],
@@ -25,6 +28,7 @@ def plot_reconciliation(model_records: list[dict[str, Any]],
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
 
     rows = reconcile(model_records, kernel_records, shapes, above_idle)
     if workload is None and rows:
@@ -34,32 +38,43 @@ def plot_reconciliation(model_records: list[dict[str, Any]],
     groups = [g for g in GROUP_ORDER if any(g in r.by_group for r in rows)]
     groups += sorted({g for r in rows for g in r.by_group} - set(groups))
     colors = plt.get_cmap("tab10")
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.8), squeeze=False)
     for ax, phase in zip(axes[0], ("decode", "prefill"), strict=True):
         mine = [r for r in rows if r.phase == phase]
         mine.sort(key=lambda r: (quants.index(r.quant), r.batch))
         labels = []
         for x, r in enumerate(mine):
+            meas = r.measured_j_per_token
+            if not meas:
+                labels.append(f"{SHORT.get(r.quant, r.quant)}\nB={r.batch}\n(none)")
+                continue
             bottom = 0.0
             for gi, g in enumerate(groups):
-                v = r.by_group.get(g, 0.0)
+                v = r.by_group.get(g, 0.0) / meas
                 ax.bar(x, v, bottom=bottom, color=colors(gi), label=g if x == 0 else None)
                 bottom += v
-            if r.measured_j_per_token is not None:
-                rest = max(0.0, r.measured_j_per_token - bottom)
-                ax.bar(x, rest, bottom=bottom, color="none", edgecolor="grey", hatch="//",
-                       label="remainder" if x == 0 else None)
-                ax.plot([x - 0.4, x + 0.4], [r.measured_j_per_token] * 2, color="black", lw=2,
-                        label="measured" if x == 0 else None)
-            labels.append(f"{r.quant}\nB={r.batch}")
+            ax.bar(x, max(0.0, 1.0 - bottom), bottom=bottom, color="none", edgecolor="grey",
+                   hatch="//", label="remainder" if x == 0 else None)
+            ax.annotate(f"{meas:.3g} J", (x, max(1.0, bottom)), ha="center", va="bottom",
+                        fontsize=6, xytext=(0, 2), textcoords="offset points")
+            labels.append(f"{SHORT.get(r.quant, r.quant)}{'*' if r.proxies else ''}\nB={r.batch}")
+        ax.axhline(1.0, color="black", lw=1)
         ax.set_xticks(range(len(mine)), labels, fontsize=7)
         basis = "above idle" if above_idle else "total"
-        ax.set_ylabel(f"J per {phase} token ({basis})")
-        ax.set_title(f"{phase}: linear layers predicted from kernels vs measured")
-        if mine:
-            ax.legend(fontsize=7)
+        ax.set_ylabel(f"share of measured J per {phase} token ({basis})")
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.set_title(f"{phase}: linear layers predicted from kernels / measured")
+    stand_ins = sorted({f"{b} for {k}" for r in rows for k, b in r.proxies.items()})
+    if stand_ins:
+        fig.text(0.01, 0.01, "* the profile has no records of the kernel vLLM ran: "
+                 + ", ".join(stand_ins), fontsize=7)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    if not handles:
+        handles, names = axes[0][1].get_legend_handles_labels()
     fig.suptitle(f"workload {workload}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.03, 0.9, 1))
+    if handles:
+        fig.legend(handles[::-1], names[::-1], fontsize=8, loc="center right")
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig

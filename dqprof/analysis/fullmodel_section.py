@@ -1,0 +1,83 @@
+"""The report's full-model section, for a run folder that also holds vLLM results
+(model.jsonl): J/token of each quantization relative to bf16 (dqprof.fullmodel.headline), how
+much of it the linear layers' kernel records explain (dqprof.fullmodel.reconcile), and the
+reconciliation figure."""
+
+from __future__ import annotations
+
+from matplotlib.figure import Figure
+
+from dqprof.analysis.doc import Para, Table
+from dqprof.analysis.frame import Run
+from dqprof.errors import DqprofError
+from dqprof.models.config import load_config
+from dqprof.models.shapes import linear_shapes
+
+Figures = dict[str, tuple[Figure, str]]
+
+
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def _missing(records: list[dict]) -> list[str]:
+    """Configurations another quantization measured that this one has no figures for."""
+    ok = {(r["quant"], r["workload"], r["batch"]) for r in records if r.get("status") == "ok"}
+    why = {(r["quant"], r["workload"], r["batch"]): r.get("reason") or r.get("status")
+           for r in records if r.get("status") != "ok"}
+    points = sorted({(w, b) for _, w, b in ok}, key=lambda p: (p[0], p[1]))
+    quants = list(dict.fromkeys(r["quant"] for r in records))
+    return [f"{q} {w} B={b}: {why.get((q, w, b), 'not run (no record)')}"
+            for q in quants for w, b in points if (q, w, b) not in ok]
+
+
+def full_model_section(run: Run, prefix: str = "") -> tuple[Figures, list, list[str]]:
+    """(figures, report blocks, left out): all empty when the folder has no model.jsonl."""
+    from dqprof.fullmodel.headline import relative_to_bf16
+    from dqprof.fullmodel.plot import plot_reconciliation
+    from dqprof.fullmodel.reconcile import reconcile
+    from dqprof.fullmodel.records import MODEL_FILE, latest, load_model_records
+
+    if not (run.path / MODEL_FILE).exists():
+        return {}, [], []
+    try:
+        model_records = latest(load_model_records(run.path))
+        shapes = linear_shapes(load_config(run.model))
+    except DqprofError as e:
+        return {}, [], [f"full model: {e}"]
+    rows = reconcile(model_records, run.records, shapes)
+    explained = {(r.quant, r.workload, r.batch, r.phase): r for r in rows}
+    table = []
+    for h in relative_to_bf16(model_records):
+        rec = explained.get((h.quant, h.workload, h.batch, h.phase))
+        frac = rec.explained_fraction if rec else None
+        table.append([h.quant + ("*" if rec and rec.proxies else ""), h.workload, str(h.batch),
+                      h.phase, f"{h.j_per_token:.3g}", _x(h.j_vs_bf16),
+                      _x(h.j_above_idle_vs_bf16), _x(h.j_per_output_token_vs_bf16),
+                      _x(h.tokens_per_s_vs_bf16), "-" if frac is None else f"{frac:.0%}",
+                      ", ".join(h.throttle) or "-"])
+    stand_ins = sorted({f"{b} for {k}" for r in rows for k, b in r.proxies.items()})
+    blocks: list = [Table(
+        ["quantization", "workload", "B", "phase", "J/token", "vs bf16", "above idle vs bf16",
+         "J/output token vs bf16", "tokens/s vs bf16", "linears explain", "throttle"], table,
+        "vLLM runs of the whole model (model.jsonl). J/token of the phase the workload is "
+        "made of (decode tokens of the decode-heavy calls, prompt tokens of the prefill-heavy "
+        "ones), idle included; 'J/output token' is the whole call's energy over its output "
+        "tokens; 'linears explain': the linear layers' J/token predicted from this run's "
+        "kernel records over the measured J/token."
+        + (f" * the kernel records lack the kernel vLLM ran: {', '.join(stand_ins)} stood "
+           "in." if stand_ins else ""))]
+    if gaps := _missing(model_records):
+        blocks.append(Para("No figures for: " + "; ".join(gaps) + "."))
+    decode = [r for r in rows if r.phase == "decode" and r.explained_fraction is not None]
+    if not decode:
+        return {}, blocks, ["reconciliation: no ok full-model record with a kernel prediction"]
+    wl = decode[0].workload
+    fig = plot_reconciliation(model_records, run.records, shapes, workload=wl)
+    shares = "; ".join(f"{r.quant} B={r.batch}: {r.explained_fraction:.0%}"
+                       for r in decode if r.workload == wl)
+    caption = (f"Full model ({wl}): each linear group's J/token predicted from this run's "
+               f"kernel records, as a share of vLLM's measured J/token (stacked); hatched: "
+               f"the remainder (attention, norms, embeddings/PLE gathers, sampling, idle). "
+               f"Decode explained: {shares}.")
+    return {prefix + "reconciliation": (fig, caption)}, blocks, []
