@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import faulthandler
 import json
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -201,6 +204,11 @@ app.add_typer(model_app, name="model")
 
 
 def main() -> None:
+    if hasattr(signal, "SIGUSR1"):
+        # `kill -USR1 <pid>` (or `timeout --signal=USR1`) prints where a long sweep or vLLM
+        # run is stuck, to stderr, and lets it go on; not where stderr is no real file
+        with contextlib.suppress(OSError, ValueError):
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         app()
     except DqprofError as e:

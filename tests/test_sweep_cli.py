@@ -264,3 +264,18 @@ def test_machete_rules_without_a_gpu() -> None:
     assert "N % 128" in gptq.supports(odd)
     # AWQ's zero points reach Machete as bf16 -scale*zp per group: bf16 bytes, not int4
     assert awq.traffic(ok, 1).scales == 2 * gptq.traffic(ok, 1).scales
+
+
+def test_sigusr1_prints_the_stack_and_the_command_goes_on() -> None:
+    # a stuck sweep or vLLM run says where it is (gpu_session.sh signals before it kills)
+    code = ("import faulthandler, os, signal, sys, time\n"
+            "sys.argv = ['dqprof', 'backends']\n"
+            "from dqprof.cli import main\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "os.kill(os.getpid(), signal.SIGUSR1)\n"
+            "time.sleep(0.2)\n"
+            "print('still running')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "still running" in out.stdout
+    assert "most recent call first" in out.stderr

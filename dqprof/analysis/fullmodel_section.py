@@ -31,6 +31,17 @@ def _missing(records: list[dict]) -> list[str]:
             for q in quants for w, b in points if (q, w, b) not in ok]
 
 
+def _method(records: list[dict]) -> str:
+    """How the records were measured, from the records themselves (the first ok one)."""
+    r = next((r for r in records if r.get("status") == "ok" and r.get("method")), None)
+    if r is None:
+        return ""
+    m = r["method"]
+    return (f"Method: {m.get('energy')}; windows of at least {m.get('window_min_s')} s and "
+            f"{m.get('window_min_ticks')} counter updates after {m.get('warmup_calls')} "
+            f"warm-up call(s); {m.get('split') or r.get('split_method')}.")
+
+
 def full_model_section(run: Run, prefix: str = "") -> tuple[Figures, list, list[str]]:
     """(figures, report blocks, left out): all empty when the folder has no model.jsonl."""
     from dqprof.fullmodel.headline import relative_to_bf16
@@ -67,6 +78,8 @@ def full_model_section(run: Run, prefix: str = "") -> tuple[Figures, list, list[
         "kernel records over the measured J/token."
         + (f" * the kernel records lack the kernel vLLM ran: {', '.join(stand_ins)} stood "
            "in." if stand_ins else ""))]
+    if method := _method(model_records):
+        blocks.append(Para(method))
     if gaps := _missing(model_records):
         blocks.append(Para("No figures for: " + "; ".join(gaps) + "."))
     decode = [r for r in rows if r.phase == "decode" and r.explained_fraction is not None]
