@@ -37,6 +37,10 @@ QUICK_M = (1, 16, 256, 2048)
 DEFAULT_MODEL = "gemma-4-e4b"
 CPU_CACHE_BYTES = 32 << 20  # rotation target on CPU, where no L2 size is read
 MAX_COPIES = 2048
+# one pass over the rotated calls: ~10 ms is the slowest legitimate one (a 4096-token lm_head);
+# a pass of seconds means eager launches of a path that is slow on the host (its graph capture
+# failed), and timing plus the energy window would then take minutes per point
+MAX_REPLAY_S = {"cuda": 1.0, "cpu": 30.0}
 REL_TOL = 2e-2  # bf16 output of a bf16-input GEMM lands near 4e-3; a wrong kernel lands near 1
 SUITE_KEYS = {"model", "shapes", "m", "backends", "repeats", "window_s", "l2_factor", "hot",
               "energy", "attribution", "seed", "description"}
@@ -56,6 +60,7 @@ class SweepConfig:
     energy: bool = True
     attribution: bool = True
     seed: int = 0
+    max_replay_s: float | None = None  # None: MAX_REPLAY_S of the device
     shard: tuple[int, int] = (1, 1)  # (i, n): this process runs group i of every n
     suite: dict[str, Any] | None = None  # the suite file's content, recorded in run.json
     description: str = ""
@@ -305,7 +310,7 @@ class Sweep:
                  ) -> dict[str, Any]:
         import torch
 
-        from dqprof.measure.timing import Replay, time_replay
+        from dqprof.measure.timing import Replay, replay_seconds, time_replay
 
         dev, backend, shape = self.cfg.device, g.backend, g.shape
         rows = max(m, 1)
@@ -328,6 +333,12 @@ class Sweep:
 
             kernels = attribute(fns[: min(4, len(fns))])
         clock.lap("attribution")
+        limit = self.cfg.max_replay_s or MAX_REPLAY_S.get(dev, MAX_REPLAY_S["cpu"])
+        if (one := replay_seconds(replay)) > limit:
+            how = ("CUDA graph" if replay.graph else
+                   f"eager launches ({replay.graph_error or 'no graph'})")
+            return {"status": "failed", "reason": f"one pass over the {replay.calls} rotated "
+                    f"calls took {one:.2f} s (limit {limit} s), {how}: not timed"}
         # timing right before the energy window: its busy GPU is most of the window's ramp
         t = time_replay(replay, self.cfg.repeats)
         clock.lap("timing")

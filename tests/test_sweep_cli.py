@@ -161,13 +161,33 @@ class _Wrong(Bf16):
         return super().__call__(state, x) * 1.5
 
 
+class _Slow(Bf16):
+    name = "test-slow"
+
+    def __call__(self, state, x):
+        if x.shape[0] > 1:
+            time.sleep(0.05)  # a path whose every call is slow on the host
+        return super().__call__(state, x)
+
+
 @pytest.fixture()
 def test_backends():
-    register(_Boom)
-    register(_Wrong)
+    for b in (_Boom, _Wrong, _Slow):
+        register(b)
     yield
-    _REGISTRY.pop("test-boom")
-    _REGISTRY.pop("test-wrong")
+    for name in ("test-boom", "test-wrong", "test-slow"):
+        _REGISTRY.pop(name)
+
+
+def test_a_point_too_slow_to_time_fails_with_its_cost(tmp_path, test_backends) -> None:
+    # the sweep must never stall for minutes on one point without a record
+    cfg = SweepConfig(model=TINY, shapes="down_proj", m=(1, 4), device="cpu", repeats=2,
+                      l2_factor=0.02, backends="test-slow", max_replay_s=0.04)
+    counts = Sweep(cfg, tmp_path).run()
+    recs = {r["m"]: r for r in load_records(tmp_path)}
+    assert counts["ok"] == 1 and counts["failed"] == 1
+    assert recs[1]["status"] == "ok"
+    assert "rotated calls took" in recs[4]["reason"] and "time" not in recs[4]
 
 
 def test_raising_and_wrong_backends_fail_and_the_sweep_goes_on(tmp_path, test_backends) -> None:

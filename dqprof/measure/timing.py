@@ -84,6 +84,16 @@ class Replay:
             torch.cuda.synchronize()
 
 
+def replay_seconds(replay: Replay) -> float:
+    """Host wall time of one pass, GPU work included (the second of two: the first warms)."""
+    replay()
+    replay.sync()
+    t0 = time.perf_counter()
+    replay()
+    replay.sync()
+    return time.perf_counter() - t0
+
+
 def time_replay(replay: Replay, repeats: int, warmup: int = 3) -> TimeStats:
     """Median per-call time over ``repeats`` samples, each long enough to time reliably."""
     for _ in range(warmup):
