@@ -11,7 +11,8 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-REQUIRED = ("dequant_tax.ipynb", "roofline.ipynb", "per_layer_breakdown.ipynb")
+REQUIRED = ("dequant_tax.ipynb", "roofline.ipynb", "per_layer_breakdown.ipynb",
+            "full_model.ipynb")
 
 
 def _notebooks() -> list[Path]:
@@ -30,9 +31,28 @@ def test_stored_without_outputs(path):
             assert cell.outputs == [] and cell.execution_count is None, path.name
 
 
+def _model_record(quant: str, batch: int, j: float) -> dict:
+    from dqprof.fullmodel.records import base_record
+
+    return {**base_record("tiny", quant, "decode", 128, 512, batch), "status": "ok",
+            "engine": {"max_num_batched_tokens": 8192}, "idle_power_w": 100.0,
+            "j_per_output_token": j,
+            "decode": {"j_per_token": j, "j_per_token_above_idle": j / 2, "s_per_token": 0.01,
+                       "tokens_per_s": 100.0 / j},
+            "prefill": {"j_per_token": j / 10, "j_per_token_above_idle": j / 20,
+                        "s_per_token": 1e-3}}
+
+
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
-    return fx.write_run(tmp_path_factory.mktemp("nb") / "run", fx.records(fx.TINY))
+    from dqprof.fullmodel.records import ModelRecordWriter
+
+    run = fx.write_run(tmp_path_factory.mktemp("nb") / "run", fx.records(fx.TINY),
+                       fx.run_info(model=fx.TINY))
+    with ModelRecordWriter(run) as w:  # the full-model notebook's vLLM results
+        for quant, j in (("bf16", 2.0), ("bitsandbytes", 2.4), ("gptq_marlin", 1.5)):
+            w.write(_model_record(quant, 1, j))
+    return run
 
 
 @pytest.mark.parametrize("path", _notebooks(), ids=lambda p: p.name)
