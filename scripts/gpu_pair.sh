@@ -5,6 +5,8 @@
 #
 #   DQPROF_GIT_COMMIT=<sha> bash scripts/gpu_pair.sh BUDGET_S      (on the GPU machine)
 #   SEED_RUN=profiles/h200 ...   the sweep extends that profile (only paths it lacks run)
+#   SEED_MODEL_RUN=profiles/h200 the matrix extends that profile's model.jsonl (with its
+#                                model-run/run.json): only the points it lacks run
 #   BACKENDS=...                 the sweep's paths (default: all of them)
 #   SKIP_STEPS="k-gate k-ab"     steps to leave out (k-tests k-sweep k-gate k-ab m-tests)
 #   TESTS_K=machete              only the GPU tests matching this pytest -k expression
@@ -78,6 +80,10 @@ PY
 
 model_stream() {
   export CUDA_VISIBLE_DEVICES=$MGPU OUT=$R/model
+  if [[ -n "${SEED_MODEL_RUN:-}" && ! -f /tmp/dqprof-model-run/model.jsonl ]]; then
+    mkdir -p /tmp/dqprof-model-run  # `dqprof model run` resumes it: ok points are kept
+    cp "$SEED_MODEL_RUN"/model.jsonl "$SEED_MODEL_RUN"/model-run/run.json /tmp/dqprof-model-run/
+  fi
   if [[ ! -f $S/m-tests ]]; then
     (( $(left) > 200 )) || return
     log "full-model GPU tests"
