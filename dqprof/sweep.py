@@ -347,8 +347,11 @@ class Sweep:
             if self.cfg.energy and self.nvml.energy_supported:
                 from dqprof.measure.energy import measure_energy
 
-                energy = measure_energy(replay, self.nvml, t.median_s, self.cfg.window_s,
-                                        self.idle_power_w, self.power_limit_w).as_dict()
+                # chunks are sized by the slower of the event-timed call and the host's
+                # view of a pass: event times that miss work must not queue hours of it
+                energy = measure_energy(replay, self.nvml, max(t.median_s, one / replay.calls),
+                                        self.cfg.window_s, self.idle_power_w,
+                                        self.power_limit_w).as_dict()
             state = self.nvml.state()  # right after the busy window: throttling shows here
         clock.lap("energy")
         traffic = backend.traffic(shape, m, kernels)
@@ -361,6 +364,7 @@ class Sweep:
             "status": "ok", "reason": None, "rel_err": err,
             "method": {"timing": timing, "graph_error": graph_error,
                        "rotation": len(states),
+                       "host_pass_s": one,  # one pass over the rotation, host wall + sync
                        "rotation_bytes": len(states) * backend.resident_bytes(shape),
                        "l2_bytes": self.l2_bytes if dev == "cuda" else None,
                        "hot": self.cfg.hot, "repeats": self.cfg.repeats,
