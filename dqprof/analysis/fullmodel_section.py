@@ -62,20 +62,25 @@ def full_model_section(run: Run, prefix: str = "") -> tuple[Figures, list, list[
     for h in relative_to_bf16(model_records):
         rec = explained.get((h.quant, h.workload, h.batch, h.phase))
         frac = rec.explained_fraction if rec else None
+        tfrac = (rec.predicted_s_per_token / rec.measured_s_per_token
+                 if rec and rec.predicted_s_per_token and rec.measured_s_per_token else None)
         table.append([h.quant + ("*" if rec and rec.proxies else ""), h.workload, str(h.batch),
                       h.phase, f"{h.j_per_token:.3g}", _x(h.j_vs_bf16),
                       _x(h.j_above_idle_vs_bf16), _x(h.j_per_output_token_vs_bf16),
                       _x(h.tokens_per_s_vs_bf16), "-" if frac is None else f"{frac:.0%}",
+                      "-" if tfrac is None else f"{tfrac:.0%}",
                       ", ".join(h.throttle) or "-"])
     stand_ins = sorted({f"{b} for {k}" for r in rows for k, b in r.proxies.items()})
     blocks: list = [Table(
         ["quantization", "workload", "B", "phase", "J/token", "vs bf16", "above idle vs bf16",
-         "J/output token vs bf16", "tokens/s vs bf16", "linears explain", "throttle"], table,
+         "J/output token vs bf16", "tokens/s vs bf16", "linears explain",
+         "linears' time share", "throttle"], table,
         "vLLM runs of the whole model (model.jsonl). J/token of the phase the workload is "
         "made of (decode tokens of the decode-heavy calls, prompt tokens of the prefill-heavy "
         "ones), idle included; 'J/output token' is the whole call's energy over its output "
         "tokens; 'linears explain': the linear layers' J/token predicted from this run's "
-        "kernel records over the measured J/token."
+        "kernel records over the measured J/token; 'linears' time share': their predicted "
+        "time per token over the measured one."
         + (f" * the kernel records lack the kernel vLLM ran: {', '.join(stand_ins)} stood "
            "in." if stand_ins else ""))]
     if method := _method(model_records):
