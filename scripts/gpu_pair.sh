@@ -8,6 +8,7 @@
 #   SEED_MODEL_RUN=profiles/h200 the matrix extends that profile's model.jsonl (with its
 #                                model-run/run.json): only the points it lacks run
 #   BACKENDS=...                 the sweep's paths (default: all of them)
+#   MODEL_BATCHES=1,8,32,128 MODEL_WORKLOADS=decode,prefill   the matrix (these defaults)
 #   SKIP_STEPS="k-gate k-ab"     steps to leave out (k-tests k-sweep k-gate k-ab m-tests)
 #   TESTS_K=machete              only the GPU tests matching this pytest -k expression
 #
@@ -66,15 +67,17 @@ kernel_stream() {
   fi
 }
 
+MODEL_BATCHES=${MODEL_BATCHES:-1,8,32,128}; MODEL_WORKLOADS=${MODEL_WORKLOADS:-decode,prefill}
+
 quant_done() {  # every point of this quantization has an ok record
-  python3 - "$1" <<'PY'
+  python3 - "$1" "$(( $(tr ',' '\n' <<< "$MODEL_BATCHES" | wc -l) * $(tr ',' '\n' <<< "$MODEL_WORKLOADS" | wc -l) ))" <<'PY'
 import sys
 from pathlib import Path
 from dqprof.fullmodel.records import latest, load_model_records
 run = Path("/tmp/dqprof-model-run")
 recs = latest(load_model_records(run)) if (run / "model.jsonl").exists() else []
 mine = [r for r in recs if r["quant"] == sys.argv[1]]
-sys.exit(0 if len(mine) >= 8 and all(r["status"] == "ok" for r in mine) else 1)
+sys.exit(0 if len(mine) >= int(sys.argv[2]) and all(r["status"] == "ok" for r in mine) else 1)
 PY
 }
 
@@ -94,7 +97,7 @@ model_stream() {
     # an engine start alone takes 2-2.5 min and a whole matrix ~5: a start cut short is wasted
     (( $(left) > ${MIN_QUANT_S:-240} )) || return
     log "model matrix $q, $(left) s left"
-    bash scripts/gpu_fullmodel.sh "$(left)" $q
+    bash scripts/gpu_fullmodel.sh "$(left)" $q "$MODEL_BATCHES" "$MODEL_WORKLOADS"
   done
 }
 
