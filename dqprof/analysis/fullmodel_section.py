@@ -25,7 +25,7 @@ def _missing(records: list[dict]) -> list[str]:
     ok = {(r["quant"], r["workload"], r["batch"]) for r in records if r.get("status") == "ok"}
     why = {(r["quant"], r["workload"], r["batch"]): r.get("reason") or r.get("status")
            for r in records if r.get("status") != "ok"}
-    points = sorted({(w, b) for _, w, b in ok}, key=lambda p: (p[0], p[1]))
+    points = sorted({(w, b) for _, w, b in ok})
     quants = list(dict.fromkeys(r["quant"] for r in records))
     return [f"{q} {w} B={b}: {why.get((q, w, b), 'not run (no record)')}"
             for q in quants for w, b in points if (q, w, b) not in ok]
