@@ -94,7 +94,7 @@ model_stream() {
   fi
   for q in bf16 bitsandbytes gptq_marlin awq_marlin; do
     quant_done $q && continue
-    # an engine start alone takes 2-2.5 min and a whole matrix ~5: a start cut short is wasted
+    # an engine start alone takes ~2 min and a whole matrix ~5: a start cut short is wasted
     (( $(left) > ${MIN_QUANT_S:-240} )) || return
     log "model matrix $q, $(left) s left"
     bash scripts/gpu_fullmodel.sh "$(left)" $q "$MODEL_BATCHES" "$MODEL_WORKLOADS"
@@ -104,7 +104,7 @@ model_stream() {
 nvidia-smi --query-gpu=index,name,driver_version,power.limit,temperature.gpu,memory.used \
   --format=csv
 if (( NGPU > 1 )); then
-  ( kernel_stream ) >> "$R/kernel-stream.log" 2>&1 &
+  kernel_stream >> "$R/kernel-stream.log" 2>&1 &
   kpid=$!
   model_stream >> "$R/model-stream.log" 2>&1 &
   mpid=$!

@@ -46,7 +46,7 @@ def full_model_section(run: Run, prefix: str = "") -> tuple[Figures, list, list[
     """(figures, report blocks, left out): all empty when the folder has no model.jsonl."""
     from dqprof.fullmodel.headline import relative_to_bf16
     from dqprof.fullmodel.plot import plot_reconciliation
-    from dqprof.fullmodel.reconcile import reconcile
+    from dqprof.fullmodel.reconcile import reconcile, stand_ins
     from dqprof.fullmodel.records import MODEL_FILE, latest, load_model_records
 
     if not (run.path / MODEL_FILE).exists():
@@ -70,7 +70,7 @@ def full_model_section(run: Run, prefix: str = "") -> tuple[Figures, list, list[
                       _x(h.tokens_per_s_vs_bf16), "-" if frac is None else f"{frac:.0%}",
                       "-" if tfrac is None else f"{tfrac:.0%}",
                       ", ".join(h.throttle) or "-"])
-    stand_ins = sorted({f"{b} for {k}" for r in rows for k, b in r.proxies.items()})
+    used = stand_ins(rows)
     blocks: list = [Table(
         ["quantization", "workload", "B", "phase", "J/token", "vs bf16", "above idle vs bf16",
          "J/output token vs bf16", "tokens/s vs bf16", "linears explain",
@@ -81,8 +81,8 @@ def full_model_section(run: Run, prefix: str = "") -> tuple[Figures, list, list[
         "tokens; 'linears explain': the linear layers' J/token predicted from this run's "
         "kernel records over the measured J/token; 'linears' time share': their predicted "
         "time per token over the measured one."
-        + (f" * the kernel records lack the kernel vLLM ran: {', '.join(stand_ins)} stood "
-           "in." if stand_ins else ""))]
+        + (f" * the kernel records lack the kernel vLLM ran: {', '.join(used)} stood in."
+           if used else ""))]
     if method := _method(model_records):
         blocks.append(Para(method))
     if gaps := _missing(model_records):

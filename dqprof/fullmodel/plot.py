@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dqprof.fullmodel.reconcile import QUANT_BACKEND, reconcile
+from dqprof.fullmodel.reconcile import QUANT_BACKEND, reconcile, stand_ins
 from dqprof.models.shapes import LinearShape
 
 GROUP_ORDER = ("attn.qkv", "attn.o", "mlp.gate_up", "mlp.down", "ple", "lm_head")
@@ -64,10 +64,9 @@ def plot_reconciliation(model_records: list[dict[str, Any]],
         ax.set_ylabel(f"share of measured J per {phase} token ({basis})")
         ax.yaxis.set_major_formatter(PercentFormatter(1.0))
         ax.set_title(f"{phase}: linear layers predicted from kernels / measured")
-    stand_ins = sorted({f"{b} for {k}" for r in rows for k, b in r.proxies.items()})
-    if stand_ins:
+    if used := stand_ins(rows):
         fig.text(0.01, 0.01, "* the profile has no records of the kernel vLLM ran: "
-                 + ", ".join(stand_ins), fontsize=7)
+                 + ", ".join(used), fontsize=7)
     handles, names = axes[0][0].get_legend_handles_labels()
     if not handles:
         handles, names = axes[0][1].get_legend_handles_labels()

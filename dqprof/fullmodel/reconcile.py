@@ -210,6 +210,11 @@ class Reconciled:
         return asdict(self)
 
 
+def stand_ins(rows: list[Reconciled]) -> list[str]:
+    """'<profile backend> for <kernel vLLM ran>' for every stand-in the rows used."""
+    return sorted({f"{b} for {k}" for r in rows for k, b in r.proxies.items()})
+
+
 def reconcile(model_records: list[dict[str, Any]], kernel_records: list[dict[str, Any]],
               shapes: list[LinearShape], above_idle: bool = False) -> list[Reconciled]:
     """Measured vs predicted J/token for every ok model record, decode and prefill."""
