@@ -6,6 +6,7 @@ import contextlib
 import datetime as dt
 import faulthandler
 import json
+import logging
 import re
 import signal
 import sys
@@ -115,8 +116,16 @@ def bench(
     retry_failed: Annotated[bool, typer.Option(help="With --resume: measure failed points "
                                                "again (their old records are dropped).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every point's phases "
+                                          "(quantize, check, capture, attribution, timing, "
+                                          "energy) with their seconds to stderr: where a slow "
+                                          "or stuck sweep spends its time.")] = False,
 ) -> None:
     """Measure every shape x M x backend: time, energy, kernels, bytes (writes a run folder)."""
+    if verbose:
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                            format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        logging.getLogger("dqprof").setLevel(logging.DEBUG)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from dqprof.sweep import QUICK_M, Sweep, SweepConfig, load_suite, parse_shard

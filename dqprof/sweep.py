@@ -8,6 +8,7 @@ already recorded (any status) are not redone.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -43,6 +44,7 @@ MAX_COPIES = 2048
 # path whose graph capture failed)
 MAX_REPLAY_S = {"cuda": 5.0, "cpu": 30.0}
 REL_TOL = 2e-2  # bf16 output of a bf16-input GEMM lands near 4e-3; a wrong kernel lands near 1
+log = logging.getLogger(__name__)  # `dqprof bench --verbose`: where a slow point spends its time
 SUITE_KEYS = {"model", "shapes", "m", "backends", "repeats", "window_s", "l2_factor", "hot",
               "energy", "attribution", "seed", "description"}
 
@@ -270,6 +272,7 @@ class Sweep:
                 yield {**self._base(g, m, key), "status": "skipped", "reason": reason}
             return
         dev = self.cfg.device
+        log.debug("%s %s: quantizing", g.shape.name, g.backend.name)
         try:
             gen = torch.Generator(device="cpu").manual_seed(self.cfg.seed)
             weight = torch.randn(g.shape.n, g.shape.k, generator=gen) * 0.02
@@ -278,6 +281,7 @@ class Sweep:
             del weight
             copies = self._copies(g)
             states += [g.backend.clone(states[0]) for _ in range(copies - 1)]
+            log.debug("%s %s: %d rotated copies ready", g.shape.name, g.backend.name, copies)
         except Exception as e:  # quantize/pack failed: every point of the group fails
             for m, key in todo:
                 yield {**self._base(g, m, key), "status": "failed", "reason": _err(e)}
@@ -315,7 +319,7 @@ class Sweep:
 
         dev, backend, shape = self.cfg.device, g.backend, g.shape
         rows = max(m, 1)
-        clock = _PhaseClock()  # where a point's wall time goes (the sweep's own overhead)
+        clock = _PhaseClock(f"{shape.name} {backend.name} m={m}")  # where a point's wall time goes (the sweep's own overhead)
         # correctness first, on fresh inputs; a wrong path is recorded failed and never timed
         x_check = torch.randn(rows, shape.k, device=dev, dtype=torch.bfloat16)
         err = rel_error(backend(states[0], x_check), backend.expected(states[0], x_check))
@@ -386,7 +390,8 @@ class Sweep:
 class _PhaseClock:
     """Host seconds spent in each phase of a point, in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, label: str) -> None:
+        self.label = label
         self.laps: dict[str, float] = {}
         self._t = time.perf_counter()
 
@@ -394,6 +399,7 @@ class _PhaseClock:
         now = time.perf_counter()
         self.laps[name] = now - self._t
         self._t = now
+        log.debug("%s: %s done in %.3f s", self.label, name, self.laps[name])
 
 
 def _err(e: BaseException) -> str:

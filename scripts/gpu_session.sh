@@ -26,7 +26,7 @@ if [[ $# -gt 0 ]]; then
   # USR1 8 s before the end: dqprof prints every thread's stack to bench.err (where a cut
   # sweep was), then KILL at the budget
   timeout --signal=USR1 --kill-after=8 "$(( budget > 16 ? budget - 8 : budget ))" \
-    python3 -m dqprof bench -o "$RUN_DIR" "$@" 2>> "$OUT/bench.err"
+    python3 -m dqprof bench -v -o "$RUN_DIR" "$@" 2>> "$OUT/bench.err"
   rc=$?
   log "bench exit $rc after $(( $(date +%s) - start )) s"
   tail -c 3000 "$OUT/bench.err"

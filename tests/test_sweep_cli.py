@@ -69,6 +69,19 @@ def test_existing_run_needs_resume(tmp_path) -> None:
     assert len(keys(tmp_path)) == 1
 
 
+def test_verbose_logs_each_phase(tmp_path) -> None:
+    """--verbose names the phase a point finished last: where a stuck sweep stopped."""
+    res = run_main("bench", *FAST, "--m", "1", "--shapes", "down_proj", "--backends", "bf16",
+                   "-o", str(tmp_path), "--verbose")
+    assert res.returncode == 0, res.stderr
+    assert "mlp.down_proj bf16: quantizing" in res.stderr
+    for phase in ("check", "capture", "attribution", "timing", "energy"):
+        assert f"mlp.down_proj bf16 m=1: {phase} done in" in res.stderr
+    quiet = run_main("bench", *FAST, "--m", "1", "--shapes", "down_proj", "--backends", "bf16",
+                     "-o", str(tmp_path / "q"))
+    assert "done in" not in quiet.stderr
+
+
 def test_kill_and_resume_loses_nothing(tmp_path) -> None:
     """kill -9 mid-sweep, a torn last line, then --resume: every planned point once."""
     run = tmp_path / "run"
