@@ -319,7 +319,8 @@ class Sweep:
 
         dev, backend, shape = self.cfg.device, g.backend, g.shape
         rows = max(m, 1)
-        clock = _PhaseClock(f"{shape.name} {backend.name} m={m}")  # where a point's wall time goes (the sweep's own overhead)
+        # where a point's wall time goes (the sweep's own overhead)
+        clock = _PhaseClock(f"{shape.name} {backend.name} m={m}")
         # correctness first, on fresh inputs; a wrong path is recorded failed and never timed
         x_check = torch.randn(rows, shape.k, device=dev, dtype=torch.bfloat16)
         err = rel_error(backend(states[0], x_check), backend.expected(states[0], x_check))
