@@ -104,6 +104,9 @@ def bench(
     no_energy: Annotated[bool, typer.Option("--no-energy", help="Skip NVML energy.")] = False,
     no_attribution: Annotated[bool, typer.Option("--no-attribution",
                                                  help="Skip the per-kernel profile.")] = False,
+    no_graph: Annotated[bool, typer.Option("--no-graph", help="Time eager launches instead of "
+                                           "replaying a CUDA graph (launch gaps included; for "
+                                           "a path that misbehaves under graphs).")] = False,
     suite: Annotated[Path | None, typer.Option(
         help="A suite file (TOML) setting model, shapes, M, backends and method; flags "
              "override it.")] = None,
@@ -131,7 +134,7 @@ def bench(
     from dqprof.sweep import QUICK_M, Sweep, SweepConfig, load_suite, parse_shard
 
     cfg = SweepConfig(device=device, hot=hot, l2_factor=l2_factor, seed=seed,
-                      energy=not no_energy, attribution=not no_attribution,
+                      energy=not no_energy, attribution=not no_attribution, graph=not no_graph,
                       shard=parse_shard(shard))
     if quick:
         cfg.m, cfg.repeats, cfg.window_s = QUICK_M, 5, 0.5

@@ -7,9 +7,13 @@ already recorded (any status) are not redone.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import math
+import os
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -43,10 +47,16 @@ MAX_COPIES = 2048
 # passes, so a pass beyond this would hold one point for minutes (e.g. eager launches of a
 # path whose graph capture failed)
 MAX_REPLAY_S = {"cuda": 5.0, "cpu": 30.0}
+# a point that has not finished by then is stuck (a kernel that never returns: seen with
+# Machete under repeated graph replays); the slowest legitimate point in the H200 profile takes
+# 8 s. A stuck CUDA context cannot be recovered in-process: the point is recorded failed and
+# the process exits, and --resume goes on with the next point
+POINT_TIMEOUT_S = {"cuda": 120.0, "cpu": 600.0}
+EXIT_STUCK = 4
 REL_TOL = 2e-2  # bf16 output of a bf16-input GEMM lands near 4e-3; a wrong kernel lands near 1
 log = logging.getLogger(__name__)  # `dqprof bench --verbose`: where a slow point spends its time
 SUITE_KEYS = {"model", "shapes", "m", "backends", "repeats", "window_s", "l2_factor", "hot",
-              "energy", "attribution", "seed", "description"}
+              "energy", "attribution", "seed", "graph", "description"}
 
 
 @dataclass
@@ -57,6 +67,7 @@ class SweepConfig:
     backends: str | None = None  # comma-separated specs; None: every registered backend
     device: str = "cuda"
     hot: bool = False  # one weight copy: the L2-resident case
+    graph: bool = True  # False: time eager launches (launch gaps included), not a CUDA graph
     repeats: int = 15
     window_s: float = 1.0
     l2_factor: float = 3.0  # rotated copies hold this many times the L2 size
@@ -64,6 +75,7 @@ class SweepConfig:
     attribution: bool = True
     seed: int = 0
     max_replay_s: float | None = None  # None: MAX_REPLAY_S of the device
+    point_timeout_s: float | None = None  # None: POINT_TIMEOUT_S of the device
     shard: tuple[int, int] = (1, 1)  # (i, n): this process runs group i of every n
     suite: dict[str, Any] | None = None  # the suite file's content, recorded in run.json
     description: str = ""
@@ -238,6 +250,7 @@ class Sweep:
         finished = 0
         t_start = time.perf_counter()
         with RecordWriter(self.run_dir) as writer:
+            self._writer = writer
             for g in self.groups:
                 todo = [(m, key) for m, key in zip(g.ms, g.keys, strict=True) if key not in done]
                 counts["resumed"] += len(g.ms) - len(todo)
@@ -289,12 +302,34 @@ class Sweep:
             return
         for m, key in todo:
             base = self._base(g, m, key)
-            try:
-                yield {**base, **self._measure(g, states, m, ceilings)}
-            except Exception as e:  # one bad point does not stop the sweep
-                yield {**base, "status": "failed", "reason": _err(e)}
+            with self._watchdog(base):
+                try:
+                    rec = {**base, **self._measure(g, states, m, ceilings)}
+                except Exception as e:  # one bad point does not stop the sweep
+                    rec = {**base, "status": "failed", "reason": _err(e)}
+            yield rec
         del states
         self._free()
+
+    @contextlib.contextmanager
+    def _watchdog(self, base: dict[str, Any]):
+        limit = self.cfg.point_timeout_s or POINT_TIMEOUT_S.get(self.cfg.device,
+                                                                POINT_TIMEOUT_S["cpu"])
+
+        def stuck() -> None:  # on the timer's thread, while the main one waits on the device
+            reason = (f"point did not finish in {limit:.0f} s (a kernel that never returns?); "
+                      f"the process exited: `--resume` goes on with the next point")
+            self._writer.write({**base, "status": "failed", "reason": reason})
+            print(f"error: {base['key']}: {reason}", file=sys.stderr, flush=True)
+            os._exit(EXIT_STUCK)
+
+        timer = threading.Timer(limit, stuck)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
 
     def _copies(self, g: Group) -> int:
         if self.cfg.hot:
@@ -331,7 +366,7 @@ class Sweep:
         clock.lap("check")
         x = torch.randn(rows, shape.k, device=dev, dtype=torch.bfloat16)
         fns = [lambda s=s: backend(s, x) for s in states]
-        replay = Replay(fns, dev)
+        replay = Replay(fns, dev, use_graph=self.cfg.graph)
         clock.lap("capture")
         kernels = None
         if dev == "cuda" and self.cfg.attribution:
@@ -364,7 +399,7 @@ class Sweep:
         flops = backend.flops(shape, m)
         bw, fl = traffic.total / t.median_s, flops / t.median_s
         timing = "cpu" if dev == "cpu" else ("cuda-graph" if replay.graph else "eager")
-        graph_error = replay.graph_error
+        graph_error = replay.graph_error or (None if self.cfg.graph else "disabled (--no-graph)")
         del replay, fns
         return {
             "status": "ok", "reason": None, "rel_err": err,

@@ -312,3 +312,38 @@ def test_sigusr1_prints_the_stack_and_the_command_goes_on() -> None:
                          timeout=120)
     assert out.returncode == 0 and "still running" in out.stdout
     assert "most recent call first" in out.stderr
+
+
+STUCK = f"""
+import time, sys
+from dqprof.kernels import register
+from dqprof.kernels.bf16 import Bf16
+from dqprof.sweep import Sweep, SweepConfig
+
+@register
+class Stuck(Bf16):
+    name = "test-stuck"
+    def __call__(self, state, x):
+        if x.shape[0] > 1:
+            time.sleep(3600)  # a kernel that never returns
+        return super().__call__(state, x)
+
+cfg = SweepConfig(model={TINY!r}, shapes="down_proj", m=(1, 4, 8), device="cpu", repeats=2,
+                  l2_factor=0.02, backends="test-stuck", point_timeout_s=3)
+Sweep(cfg, sys.argv[1], resume=True).run()
+"""
+
+
+def test_a_stuck_point_is_recorded_and_resume_goes_on(tmp_path) -> None:
+    """A point that never returns: failed record, exit 4 in seconds; the next run moves on."""
+    first = subprocess.run([sys.executable, "-c", STUCK, str(tmp_path)], capture_output=True,
+                           text=True, timeout=120)
+    assert first.returncode == 4, first.stderr
+    assert "did not finish in 3 s" in first.stderr
+    recs = {r["m"]: r for r in load_records(tmp_path)}
+    assert recs[1]["status"] == "ok" and recs[4]["status"] == "failed" and 8 not in recs
+    assert "--resume" in recs[4]["reason"]
+    second = subprocess.run([sys.executable, "-c", STUCK, str(tmp_path)], capture_output=True,
+                            text=True, timeout=120)
+    assert second.returncode == 4  # m=8 is stuck too, m=4 is not redone
+    assert [r["m"] for r in load_records(tmp_path)] == [1, 4, 8]
