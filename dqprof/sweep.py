@@ -385,7 +385,7 @@ class Sweep:
         clock.lap("timing")
         energy, state = None, None
         if self.nvml is not None:
-            if self.cfg.energy and self.nvml.energy_supported:
+            if self.cfg.energy and self.nvml.energy_supported and not backend.energy_unsafe:
                 from dqprof.measure.energy import measure_energy
 
                 # chunks are sized by the slower of the event-timed call and the host's
@@ -409,6 +409,8 @@ class Sweep:
                        "rotation_bytes": len(states) * backend.resident_bytes(shape),
                        "l2_bytes": self.l2_bytes if dev == "cuda" else None,
                        "hot": self.cfg.hot, "repeats": self.cfg.repeats,
+                       "energy_skipped": backend.energy_unsafe if self.cfg.energy and not energy
+                       else None,
                        "window_s": self.cfg.window_s if energy else None},
             "time": t.as_dict(), "energy": energy, "kernels": kernels,
             "traffic": traffic.as_dict(), "flops": flops,

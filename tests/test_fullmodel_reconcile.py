@@ -88,6 +88,15 @@ def test_machete_stands_in_labelled_only_when_the_profile_lacks_it() -> None:
     q = predict(KREC + machete, SHAPES, "gptq_marlin", "decode", 1, linear_kernel="Machete")
     assert q.proxies == {} and {t.backend for t in q.terms} == {"machete-gptq", "bf16"}
     assert next(t for t in q.terms if t.layer == "mlp.down_proj").j_per_call == 3.0
+    # Machete timed without energy: its own time, Marlin's energy, and the row says so
+    timed = [{**r, "backend": "machete-gptq", "energy": None,
+              "time": {"median_s": 7.0}} for r in KREC if r["backend"] == "marlin-gptq"]
+    t = predict(KREC + timed, SHAPES, "gptq_marlin", "decode", 1, linear_kernel="Machete")
+    assert t.proxies == {"machete-gptq": "marlin-gptq energy"}
+    assert t.j_per_token == pytest.approx(p.j_per_token)
+    down = next(x for x in t.terms if x.layer == "mlp.down_proj")
+    assert (down.backend, down.energy_from, down.s_per_call) == ("machete-gptq", "marlin-gptq",
+                                                                 7.0)
     # no stand-in for a kernel that has none: bitsandbytes without records stays missing
     assert predict(KREC, SHAPES, "bitsandbytes", "decode", 1).j_per_token is None
 

@@ -96,3 +96,17 @@ def test_short_sweep_records_everything(tmp_path) -> None:
     assert any("dequant" in c for k, c in cats.items() if "bnb-dequant" in k)
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["ceilings"]["copy_bytes_per_s"] > 0 and run["ceilings"]["bf16_flop_per_s"] > 0
+
+
+def test_machete_is_timed_not_metered(tmp_path) -> None:
+    """Machete stalls the GPU under the energy window's queue (profiles/h200/machete/): the
+    sweep times it in a CUDA graph and records why it has no energy, without hanging."""
+    b = create("machete-gptq")
+    if why := b.unavailable("cuda"):
+        pytest.skip(why)
+    cfg = SweepConfig(shapes="mlp.down_proj", m=(1, 16), repeats=3, window_s=0.3,
+                      backends="machete-gptq", point_timeout_s=60)
+    assert Sweep(cfg, tmp_path).run()["ok"] == 2
+    for r in (json.loads(line) for line in (tmp_path / "kernels.jsonl").read_text().splitlines()):
+        assert r["method"]["timing"] == "cuda-graph" and r["time"]["median_s"] > 0
+        assert r["energy"] is None and r["method"]["energy_skipped"].startswith("not metered")

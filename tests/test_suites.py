@@ -49,7 +49,8 @@ def test_ci_smoke_shapes_are_exact_names():
     wanted = cfg.shapes.split(",")
     chosen = select_shapes(linear_shapes(load_config(cfg.model)), cfg.shapes)
     assert sorted(s.name for s in chosen) == sorted(wanted)  # no substring catches extra shapes
-    assert cfg.m == QUICK_M and cfg.backends.split(",") == list(DEFAULT_BACKENDS)
+    portable = [b for b in DEFAULT_BACKENDS if not b.startswith("machete")]  # Hopper only
+    assert cfg.m == QUICK_M and cfg.backends.split(",") == portable
 
 
 def test_ci_smoke_fits_about_two_minutes():

@@ -81,7 +81,8 @@ def full_model_section(run: Run, prefix: str = "") -> tuple[Figures, list, list[
         "tokens; 'linears explain': the linear layers' J/token predicted from this run's "
         "kernel records over the measured J/token; 'linears' time share': their predicted "
         "time per token over the measured one."
-        + (f" * the kernel records lack the kernel vLLM ran: {', '.join(used)} stood in."
+        + (f" * the kernel records lack figures of the kernel vLLM ran: {', '.join(used)} "
+           "stood in."
            if used else ""))]
     if method := _method(model_records):
         blocks.append(Para(method))

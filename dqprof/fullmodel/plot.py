@@ -4,7 +4,8 @@ One panel per phase (decode, prefill); one bar per (quantization, batch) of one 
 each linear group's predicted energy as a share of the measured J/token, stacked, with the
 hatched remainder up to 100 % and the measured J/token written above the bar. Shares, not
 joules: decode J/token falls ~50x from batch 1 to 128, which would flatten the large batches.
-A bar marked * used a stand-in kernel (Marlin for Machete). Pure matplotlib (Agg).
+A bar marked * used a stand-in kernel's figures (Marlin's, where Machete's are missing).
+Pure matplotlib (Agg).
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ def plot_reconciliation(model_records: list[dict[str, Any]],
         ax.yaxis.set_major_formatter(PercentFormatter(1.0))
         ax.set_title(f"{phase}: linear layers predicted from kernels / measured")
     if used := stand_ins(rows):
-        fig.text(0.01, 0.01, "* the profile has no records of the kernel vLLM ran: "
-                 + ", ".join(used), fontsize=7)
+        fig.text(0.01, 0.01, "* stand-ins for figures the profile lacks of the kernel vLLM "
+                 "ran: " + ", ".join(used), fontsize=7)
     handles, names = axes[0][0].get_legend_handles_labels()
     if not handles:
         handles, names = axes[0][1].get_legend_handles_labels()

@@ -13,7 +13,10 @@ one vLLM reported picking (``engine.linear_kernel``: on Hopper, GPTQ and AWQ che
 through Machete, not Marlin: KERNEL_BACKEND);
 when the profile has no records of that kernel (measured before the Machete paths existed),
 the same checkpoint format's other fused kernel stands in (PROXY_BACKEND: Marlin for
-Machete), and every term and row says so (``proxy_for``, ``proxies``);
+Machete), and every term and row says so (``proxy_for``, ``proxies``); when it has the
+kernel's time but no energy (the H200 profile's Machete records: its energy window stalls the
+GPU, see profiles/h200/README.md), time is the kernel's own and only energy comes from the
+stand-in (``energy_from``; ``proxies`` names it "<stand-in> energy");
 layers vLLM keeps bf16 under every scheme (``LinearShape.quantized`` False: the tied lm_head)
 use the bf16 records. When the profile lacks the exact M, energy and time are interpolated
 linearly in log(M)-log(value) between the nearest measured M below and above ("log-interp"),
@@ -64,6 +67,7 @@ class Term:
     j_per_token: float | None
     s_per_token: float | None
     proxy_for: str = ""  # the kernel vLLM ran, when ``backend`` stands in for it
+    energy_from: str = ""  # the stand-in whose energy was used: ``backend`` has time only
 
 
 @dataclass
@@ -90,8 +94,10 @@ class Prediction:
 
     @property
     def proxies(self) -> dict[str, str]:
-        """{kernel vLLM ran: profile backend that stood in for it}"""
-        return {t.proxy_for: t.backend for t in self.terms if t.proxy_for}
+        """{kernel vLLM ran: profile backend that stood in for it (or for its energy)}"""
+        out = {t.proxy_for: t.backend for t in self.terms if t.proxy_for}
+        out.update({t.backend: f"{t.energy_from} energy" for t in self.terms if t.energy_from})
+        return out
 
     def by_group(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -174,14 +180,18 @@ def predict(records: list[dict[str, Any]], shapes: list[LinearShape], quant: str
         else:  # one call per step of m tokens
             m_s, calls = m, s.calls_per_token / m
         e, t, method, used = kernel_figures(records, s, backend, m_s, above_idle)
-        proxy_for = ""
+        proxy_for = energy_from = ""
         if method == "missing" and backend in PROXY_BACKEND:
             proxy_for, backend = backend, PROXY_BACKEND[backend]
             e, t, method, used = kernel_figures(records, s, backend, m_s, above_idle)
+        elif e is None and t is not None and backend in PROXY_BACKEND:
+            e, _, method, used = kernel_figures(records, s, PROXY_BACKEND[backend], m_s,
+                                                above_idle)
+            energy_from = PROXY_BACKEND[backend] if e is not None else ""
         jpt = e * calls if e is not None else None
         spt = t * calls if t is not None else None
         terms.append(Term(s.name, s.group, backend, m_s, calls, method, used, e, t, jpt, spt,
-                          proxy_for))
+                          proxy_for, energy_from))
     return Prediction(quant, phase, batch, m, terms)
 
 

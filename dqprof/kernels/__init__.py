@@ -10,7 +10,7 @@ from dqprof.kernels.base import Backend
 _REGISTRY: dict[str, type[Backend]] = {}
 # The order users see in tables and plots: reference first, then each quantized path.
 DEFAULT_BACKENDS = ("bf16", "bnb-nf4", "bnb-dequant", "marlin-gptq", "marlin-awq",
-                    "tinygemm-int4", "triton-nf4")
+                    "machete-gptq", "machete-awq", "tinygemm-int4", "triton-nf4")
 
 
 def register(cls: type[Backend]) -> type[Backend]:

@@ -25,6 +25,11 @@ from dqprof.models.shapes import LinearShape
 
 BLOCK_K, BLOCK_N = 64, 128  # vLLM's MACHETE_PREPACKED_BLOCK_SHAPE
 CAPABILITY = (9, 0)
+# measured on the H200 (profiles/h200/machete/, scripts/machete_stall.py): 45 replays of a
+# 47-call graph queued at once run; the energy window's 64 stall the GPU for good (a sync on the
+# first of them never returns), with 16 or fewer the GPU idles 8-35 % of the window
+ENERGY_UNSAFE = ("not metered: Machete stalls the GPU when the energy window queues 64 graph "
+                 "replays (3000 calls) ahead (profiles/h200/machete/)")
 
 
 @dataclass
@@ -38,6 +43,7 @@ class MacheteState:
 class _Machete(Backend):
     requires = ("vllm",)
     zero_points = False
+    energy_unsafe = ENERGY_UNSAFE
 
     def unavailable(self, device: str) -> str | None:
         if reason := super().unavailable(device):
