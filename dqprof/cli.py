@@ -107,6 +107,10 @@ def bench(
     no_graph: Annotated[bool, typer.Option("--no-graph", help="Time eager launches instead of "
                                            "replaying a CUDA graph (launch gaps included; for "
                                            "a path that misbehaves under graphs).")] = False,
+    point_timeout: Annotated[float | None, typer.Option(
+        help="Seconds after which a point that has not finished (a kernel that never "
+             "returns) is recorded failed and the sweep exits 4; --resume goes on with the "
+             "next point. Default: 120 on cuda.")] = None,
     suite: Annotated[Path | None, typer.Option(
         help="A suite file (TOML) setting model, shapes, M, backends and method; flags "
              "override it.")] = None,
@@ -144,7 +148,8 @@ def bench(
     if m is not None:
         cfg.m = _ints(m)
     for name, value in (("model", model), ("shapes", shapes), ("backends", backends),
-                        ("repeats", repeats), ("window_s", window)):
+                        ("repeats", repeats), ("window_s", window),
+                        ("point_timeout_s", point_timeout)):
         if value is not None:
             setattr(cfg, name, value)
     run_dir = out or _default_run_dir(device)

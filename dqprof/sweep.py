@@ -56,7 +56,8 @@ EXIT_STUCK = 4
 REL_TOL = 2e-2  # bf16 output of a bf16-input GEMM lands near 4e-3; a wrong kernel lands near 1
 log = logging.getLogger(__name__)  # `dqprof bench --verbose`: where a slow point spends its time
 SUITE_KEYS = {"model", "shapes", "m", "backends", "repeats", "window_s", "l2_factor", "hot",
-              "energy", "attribution", "seed", "graph", "description"}
+              "energy", "attribution", "seed", "graph", "point_timeout_s",
+              "description"}
 
 
 @dataclass
@@ -399,7 +400,8 @@ class Sweep:
         flops = backend.flops(shape, m)
         bw, fl = traffic.total / t.median_s, flops / t.median_s
         timing = "cpu" if dev == "cpu" else ("cuda-graph" if replay.graph else "eager")
-        graph_error = replay.graph_error or (None if self.cfg.graph else "disabled (--no-graph)")
+        graph_error = replay.graph_error or (
+            "disabled (--no-graph)" if dev == "cuda" and not self.cfg.graph else None)
         del replay, fns
         return {
             "status": "ok", "reason": None, "rel_err": err,

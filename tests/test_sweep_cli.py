@@ -379,3 +379,18 @@ def test_a_stuck_point_is_recorded_and_resume_goes_on(tmp_path) -> None:
                             text=True, timeout=120)
     assert second.returncode == 4  # m=8 is stuck too, m=4 is not redone
     assert [r["m"] for r in load_records(tmp_path)] == [1, 4, 8]
+
+
+def test_point_timeout_flag(tmp_path) -> None:
+    """`dqprof bench --point-timeout S`: a stuck point fails after S seconds, exit 4."""
+    script = STUCK.replace("Sweep(cfg, sys.argv[1], resume=True).run()", "") + (
+        "from dqprof.cli import main\n"
+        "sys.argv = ['dqprof', 'bench', '--device', 'cpu', '--model', cfg.model, '--shapes',\n"
+        "            'down_proj', '--m', '4', '--backends', 'test-stuck', '--repeats', '2',\n"
+        "            '--l2-factor', '0.02', '--point-timeout', '2', '-o', sys.argv[1]]\n"
+        "main()\n")
+    res = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 4, res.stderr
+    (rec,) = load_records(tmp_path)
+    assert rec["status"] == "failed" and "did not finish in 2 s" in rec["reason"]
