@@ -48,9 +48,9 @@ MAX_COPIES = 2048
 # path whose graph capture failed)
 MAX_REPLAY_S = {"cuda": 5.0, "cpu": 30.0}
 # a point that has not finished by then is stuck (a kernel that never returns: seen with
-# Machete under repeated graph replays); the slowest legitimate point in the H200 profile takes
-# 8 s. A stuck CUDA context cannot be recovered in-process: the point is recorded failed and
-# the process exits, and --resume goes on with the next point
+# Machete under the energy window's deep queue of graph replays); the slowest legitimate point
+# in the H200 profile takes 8 s. A stuck CUDA context cannot be recovered in-process: the
+# point is recorded failed and the process exits, and --resume goes on with the next point
 POINT_TIMEOUT_S = {"cuda": 120.0, "cpu": 600.0}
 EXIT_STUCK = 4
 REL_TOL = 2e-2  # bf16 output of a bf16-input GEMM lands near 4e-3; a wrong kernel lands near 1
@@ -411,8 +411,8 @@ class Sweep:
                        "rotation_bytes": len(states) * backend.resident_bytes(shape),
                        "l2_bytes": self.l2_bytes if dev == "cuda" else None,
                        "hot": self.cfg.hot, "repeats": self.cfg.repeats,
-                       "energy_skipped": backend.energy_unsafe if self.cfg.energy and not energy
-                       else None,
+                       "energy_skipped": None if energy or not self.cfg.energy
+                       else backend.energy_unsafe,
                        "window_s": self.cfg.window_s if energy else None},
             "time": t.as_dict(), "energy": energy, "kernels": kernels,
             "traffic": traffic.as_dict(), "flops": flops,
