@@ -25,11 +25,12 @@ from dqprof.models.shapes import LinearShape
 
 BLOCK_K, BLOCK_N = 64, 128  # vLLM's MACHETE_PREPACKED_BLOCK_SHAPE
 CAPABILITY = (9, 0)
-# measured on the H200 (profiles/h200/machete/, scripts/machete_stall.py): 45 replays of a
-# 47-call graph queued at once run; the energy window's 64 stall the GPU for good (a sync on the
-# first of them never returns), with 16 or fewer the GPU idles 8-35 % of the window
-ENERGY_UNSAFE = ("not metered: Machete stalls the GPU when the energy window queues 64 graph "
-                 "replays (3000 calls) ahead (profiles/h200/machete/)")
+# seen on the H200 (profiles/h200/machete/, scripts/machete_stall.py): inside the energy
+# window's feed (8 chunks of graph replays kept queued) the GPU stopped taking work every time;
+# timing's queue and plain replay loops never stalled; with 1-2 chunks queued the window
+# completed with the GPU idle 8-35 % of it. Cause unknown
+ENERGY_UNSAFE = ("not metered: Machete stalls the GPU inside the sweep's energy window "
+                 "(profiles/h200/machete/)")
 
 
 @dataclass
