@@ -104,9 +104,6 @@ def bench(
     no_energy: Annotated[bool, typer.Option("--no-energy", help="Skip NVML energy.")] = False,
     no_attribution: Annotated[bool, typer.Option("--no-attribution",
                                                  help="Skip the per-kernel profile.")] = False,
-    no_graph: Annotated[bool, typer.Option("--no-graph", help="Time eager launches instead of "
-                                           "replaying a CUDA graph (launch gaps included; for "
-                                           "a path that misbehaves under graphs).")] = False,
     point_timeout: Annotated[float | None, typer.Option(
         help="Seconds after which a point that has not finished (a kernel that never "
              "returns) is recorded failed and the sweep exits 4; --resume goes on with the "
@@ -138,7 +135,7 @@ def bench(
     from dqprof.sweep import QUICK_M, Sweep, SweepConfig, load_suite, parse_shard
 
     cfg = SweepConfig(device=device, hot=hot, l2_factor=l2_factor, seed=seed,
-                      energy=not no_energy, attribution=not no_attribution, graph=not no_graph,
+                      energy=not no_energy, attribution=not no_attribution,
                       shard=parse_shard(shard))
     if quick:
         cfg.m, cfg.repeats, cfg.window_s = QUICK_M, 5, 0.5

@@ -56,8 +56,7 @@ EXIT_STUCK = 4
 REL_TOL = 2e-2  # bf16 output of a bf16-input GEMM lands near 4e-3; a wrong kernel lands near 1
 log = logging.getLogger(__name__)  # `dqprof bench --verbose`: where a slow point spends its time
 SUITE_KEYS = {"model", "shapes", "m", "backends", "repeats", "window_s", "l2_factor", "hot",
-              "energy", "attribution", "seed", "graph", "point_timeout_s",
-              "description"}
+              "energy", "attribution", "seed", "point_timeout_s", "description"}
 
 
 @dataclass
@@ -68,7 +67,6 @@ class SweepConfig:
     backends: str | None = None  # comma-separated specs; None: every registered backend
     device: str = "cuda"
     hot: bool = False  # one weight copy: the L2-resident case
-    graph: bool = True  # False: time eager launches (launch gaps included), not a CUDA graph
     repeats: int = 15
     window_s: float = 1.0
     l2_factor: float = 3.0  # rotated copies hold this many times the L2 size
@@ -133,6 +131,8 @@ def plan(cfg: SweepConfig) -> tuple[str, list[Group]]:
     backends = parse_backends(cfg.backends)
     if any(m < 1 for m in cfg.m):
         raise DqprofError("M values must be positive")
+    if cfg.point_timeout_s is not None and not cfg.point_timeout_s > 0:
+        raise DqprofError(f"--point-timeout must be positive seconds (got {cfg.point_timeout_s})")
     groups = []
     for shape in shapes:
         for backend in backends:
@@ -367,7 +367,7 @@ class Sweep:
         clock.lap("check")
         x = torch.randn(rows, shape.k, device=dev, dtype=torch.bfloat16)
         fns = [lambda s=s: backend(s, x) for s in states]
-        replay = Replay(fns, dev, use_graph=self.cfg.graph)
+        replay = Replay(fns, dev)
         clock.lap("capture")
         kernels = None
         if dev == "cuda" and self.cfg.attribution:
@@ -400,8 +400,7 @@ class Sweep:
         flops = backend.flops(shape, m)
         bw, fl = traffic.total / t.median_s, flops / t.median_s
         timing = "cpu" if dev == "cpu" else ("cuda-graph" if replay.graph else "eager")
-        graph_error = replay.graph_error or (
-            "disabled (--no-graph)" if dev == "cuda" and not self.cfg.graph else None)
+        graph_error = replay.graph_error
         del replay, fns
         return {
             "status": "ok", "reason": None, "rel_err": err,

@@ -8,7 +8,7 @@
 #   SEED_MODEL_RUN=profiles/h200 the matrix extends that profile's model.jsonl (with its
 #                                model-run/run.json): only the points it lacks run
 #   BACKENDS=...                 the sweep's paths (default: all of them)
-#   BENCH_ARGS="--no-graph"      more arguments for the sweep's `dqprof bench`
+#   BENCH_ARGS="--no-energy"     more arguments for the sweep's `dqprof bench`
 #   MODEL_BATCHES=1,8,32,128 MODEL_WORKLOADS=decode,prefill   the matrix (these defaults)
 #   SKIP_STEPS="k-gate k-ab"     steps to leave out (k-tests k-sweep k-gate k-ab m-tests)
 #   TESTS_K=machete              only the GPU tests matching this pytest -k expression

@@ -47,6 +47,12 @@ def child(case: str) -> None:
     if case.startswith("attr"):
         kernels = attribute(fns[:4])
         print(case, "attribution", [(k["name"][:40], k["time_s"]) for k in kernels], flush=True)
+    if case not in LOOPS or case == "attr_loop":  # attr_loop times first, as the sweep does
+        one = replay_seconds(replay)
+        t = time_replay(replay, 15)
+        per_call = max(t.median_s, one / replay.calls)
+        print(case, f"one pass {one * 1e3:.3f} ms, median {t.median_s * 1e6:.2f} us/call",
+              flush=True)
     if case in LOOPS:
         t0, total = time.perf_counter(), 0
         for _ in range(40):
@@ -60,11 +66,6 @@ def child(case: str) -> None:
             torch.cuda.synchronize()
         print(case, f"{total} passes ok, {time.perf_counter() - t0:.3f} s", flush=True)
     else:
-        one = replay_seconds(replay)
-        t = time_replay(replay, 15)
-        per_call = max(t.median_s, one / replay.calls)
-        print(case, f"one pass {one * 1e3:.3f} ms, median {t.median_s * 1e6:.2f} us/call",
-              flush=True)
         window = 1.0 if case in ("energy", "attr_energy") else 0.5
         if case in ("lead1", "lead2"):
             en.LEAD_CHUNKS = int(case[-1])

@@ -143,6 +143,7 @@ def test_no_gpu_points_to_cpu_mode_and_profile(tmp_path) -> None:
     (["--m", "1,x"], "comma-separated integers"),
     (["--shapes", "nothing"], "no shape matches"),
     (["--shard", "3/2"], "--shard"),
+    (["--point-timeout", "-1"], "--point-timeout must be positive"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message) -> None:
     res = run_main("bench", "--device", "cpu", *args, "-o", str(tmp_path / "r"))

@@ -42,8 +42,8 @@ class _Marlin(Backend):
         if reason := super().supports(shape):
             return reason
         if shape.n % MIN_THREAD_N or shape.k % MIN_THREAD_K or shape.k % GROUP:
-            return (f"Marlin needs N % {MIN_THREAD_N} == 0 and K % {MIN_THREAD_K} == 0 "
-                    f"(N={shape.n}, K={shape.k})")
+            return (f"Marlin needs N % {MIN_THREAD_N} == 0, K % {MIN_THREAD_K} == 0 and "
+                    f"K % {GROUP} == 0 (N={shape.n}, K={shape.k})")
         return None
 
     def prepare(self, weight: torch.Tensor, shape: LinearShape) -> MarlinState:
