@@ -16,7 +16,7 @@ from dqprof.analysis.frame import REFERENCE
 from dqprof.analysis.plots import UNITS, figure, log_axis, m_ticks, palette
 
 CATEGORY_COLOURS = {"dequant": "#d62728", "gemm": "#1f77b4", "cast/copy": "#ff7f0e",
-                    "other": "#7f7f7f", "unattributed": "#c7c7c7"}
+                    "quantize": "#9467bd", "other": "#7f7f7f", "unattributed": "#c7c7c7"}
 GROUP_COLOURS = dict(zip(GROUPS, ("#4c72b0", "#55a868", "#c44e52", "#8172b2", "#ccb974",
                                   "#64b5cd"), strict=True))
 # the tax plot's paths: bf16, the runtime-dequant path, and the fused 4-bit GEMMs it is

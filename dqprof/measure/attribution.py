@@ -6,23 +6,10 @@ CUPTI versions); device times of kernels do not depend on how they were launched
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
-CATEGORIES = ("dequant", "gemm", "cast/copy", "other")
-_RULES = (
-    ("dequant", re.compile(r"dequant", re.I)),
-    ("gemm", re.compile(r"gemm|gemv|nvjet|xmma|cutlass|marlin|machete|tinygemm|int4pack|"
-                        r"matmul|wgmma|splitK|sm\d\d_|ampere_|hopper_|nf4_mm", re.I)),
-    ("cast/copy", re.compile(r"copy|memcpy|memset|cast|fill|elementwise", re.I)),
-)
-
-
-def categorize(kernel_name: str) -> str:
-    for category, pattern in _RULES:
-        if pattern.search(kernel_name):
-            return category
-    return "other"
+from dqprof.measure.categories import SWEEP_CATEGORIES as CATEGORIES
+from dqprof.measure.categories import sweep_category as categorize
 
 
 def attribute(fns: list[Callable[[], object]], rounds: int = 2) -> list[dict]:
