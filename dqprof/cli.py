@@ -173,6 +173,61 @@ def bench(
 
 
 @app.command()
+def tune(
+    backend: Annotated[str, typer.Argument(help="The path to tune (only triton-nf4 has tiles).")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Table to write "
+                      "(default: dqprof/kernels/configs/<gpu>.json, which triton-nf4 reads).")]
+    = None,
+    model: ModelOpt = "gemma-4-e4b",
+    shapes: Annotated[str | None, typer.Option(help="Only these shapes (names or groups).")]
+    = None,
+    m: Annotated[str | None, typer.Option("--m", help="M buckets to time (default "
+                 "1,2,4,...,4096); each bucket's config serves M up to it.")] = None,
+    stats: Annotated[str, typer.Option(help="NF4 statistics: nested (bitsandbytes' default), "
+                     "fp16 or fp32.")] = "nested",
+) -> None:
+    """Time triton-nf4's tile candidates on this GPU and write the tuned table it reads.
+
+    Every candidate is checked against the fp32 reference, then timed as the sweep times a
+    point (CUDA graph, weights rotated past L2). Every timing goes to <output>.log.jsonl.
+    """
+    from dqprof import tune as tuning
+    from dqprof.kernels.triton_nf4 import STATS
+    from dqprof.kernels.tuned import CONFIG_DIR
+
+    if backend != "triton-nf4":
+        raise DqprofError(f"dqprof tune takes triton-nf4 (got '{backend}'): no other path has "
+                          "tiles to choose")
+    if stats not in STATS:
+        raise DqprofError(f"--stats takes one of {', '.join(STATS)} (got '{stats}')")
+    buckets = _ints(m) if m else tuning.BUCKETS
+    if output is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise DqprofError("dqprof tune needs a CUDA GPU", exit_code=3)
+        slug = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
+        output = CONFIG_DIR / f"{slug.removeprefix('nvidia-')}.json"
+    log_path = output.with_suffix(".log.jsonl")
+    t0 = time.perf_counter()
+
+    def progress(done: int, total: int, label: str) -> None:
+        eta = (time.perf_counter() - t0) / done * (total - done)
+        err_console.print(f"[{done}/{total}] {label}  (eta {eta:.0f} s)", highlight=False)
+
+    table = tuning.tune(model, shapes, buckets, stats, log_path, progress)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(table, indent=1) + "\n")
+    t = Table(title=f"triton-nf4 tuned on {table['gpu']} -> {output}")
+    for col in ("layer", "M", "heuristic us", "tuned us", "tuned config"):
+        t.add_column(col, justify="left" if col in ("layer", "tuned config") else "right")
+    for r in tuning.summarize(log_path):
+        h = f"{r['heuristic_s'] * 1e6:.2f}" if r["heuristic_s"] else "failed"
+        t.add_row(r["layer"], str(r["m"]), h, f"{r['best_s'] * 1e6:.2f}", r["best"])
+    console.print(t)
+
+
+@app.command()
 def backends() -> None:
     """The registered GEMM paths, their options and whether they can run here."""
     import torch

@@ -60,3 +60,35 @@ def bnb_absmax(quant_state) -> torch.Tensor:
     codes = s2.code.float()[quant_state.absmax.long()]
     scale = s2.absmax.float().repeat_interleave(s2.blocksize)[: codes.numel()]
     return codes * scale + quant_state.offset.float()
+
+
+def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic map (``create_dynamic_map(signed=True)``): the 256
+    fp32 values its nested statistics index, written out independently."""
+    exponent_bits, non_sign_bits = 7, 7
+    data: list[float] = []
+    for i in range(exponent_bits):
+        items = 2 ** (i + non_sign_bits - exponent_bits) + 1
+        bounds = torch.linspace(0.1, 1, items, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        scale = 10 ** (-(exponent_bits - 1) + i)
+        data += (scale * means).tolist() + (-scale * means).tolist()
+    data += [0.0, 1.0]
+    data += [0.0] * (256 - len(data))
+    return torch.tensor(sorted(data), dtype=torch.float32, device=device)
+
+
+def quantize_absmax_nested(absmax: torch.Tensor, blocksize: int = 256
+                           ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """fp32 absmax per NF4 block -> (uint8 codes, fp32 absmax per ``blocksize`` codes, offset),
+    as bitsandbytes compresses statistics: subtract the mean, 8-bit quantize blockwise against
+    the dynamic map (nearest value)."""
+    offset = float(absmax.float().mean())
+    centred = absmax.float().reshape(-1) - offset
+    pad = (-centred.numel()) % blocksize
+    blocks = torch.nn.functional.pad(centred, (0, pad)).view(-1, blocksize)
+    scale = blocks.abs().amax(dim=1)
+    normed = blocks / scale.clamp(min=torch.finfo(torch.float32).tiny)[:, None]
+    code = dynamic_map(absmax.device)
+    q = torch.bucketize(normed.reshape(-1), (code[1:] + code[:-1]) / 2).to(torch.uint8)
+    return q[: centred.numel()], scale, offset

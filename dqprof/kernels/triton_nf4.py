@@ -1,80 +1,73 @@
-"""Our own fused NF4 GEMM in Triton: dequantize in registers, ``tl.dot`` on bf16 tiles.
+"""Our own fused NF4 GEMM in Triton: bitsandbytes' NF4 bytes, dequantized in registers.
 
 What NF4 costs when dequantization is fused into the GEMM (as Marlin fuses int4), against
-bitsandbytes' dequantize-then-GEMM fallback. One kernel computes ``y = x @ dequant(W).T``:
-bf16 x and y, fp32 accumulation; the packed weight is read from HBM once.
+bitsandbytes' path. ``y = x @ dequant(W).T`` with bf16 x and y and fp32 accumulation; the
+packed weight is read from HBM once per call.
 
-Format: bitsandbytes' NF4 bytes unchanged -- the [n, k] weight flattened row-major, blocks of
-64 consecutive k in one row (K % 64 == 0), two codes per byte, the first (even k) in the high
-nibble -- so the kernel streams the same packed uint8 [n, k/2] that ``quantize_4bit`` writes,
-k-contiguous: a tile row is BLOCK_K/2 contiguous bytes whatever BLOCK_N is, so narrow N tiles
-stay sector-efficient. The statistics differ: one plain absmax per block, fp16 by default
-(``absmax=fp32`` option), no nested double quantization (bitsandbytes' nested statistics cost
-~1 byte per block; plain fp16 costs 2, i.e. 1/16 of the packed weight instead of 1/32).
+Format: exactly what ``bitsandbytes.functional.quantize_4bit(quant_type="nf4", blocksize=64)``
+stores, unrepacked -- the [n, k] weight flattened row-major, blocks of 64 consecutive k (K % 64
+== 0, so a block never straddles rows), two codes per byte with the even k in the high nibble.
+The kernels read the packed bytes as int32 words [n, k/8] (16-byte loads, 8 weights a word).
+Statistics, either form bitsandbytes writes:
 
-Decode: the 16 levels are a 32-byte fp16 table (one L1 sector, so a warp's gather is one
-wavefront); each nibble is one 16-bit gather, scaled by its block's absmax in fp32 and rounded
-to bf16 as bitsandbytes' dequantize rounds its product (the levels themselves carry fp16's
-2**-11 relative rounding, below bf16's 2**-9). The even/odd fp32 products are interleaved back
-(``tl.join``) into the k-ordered tile the tensor cores multiply, then rounded (in that order:
-triton 3.6 cannot compile the wgmma tiles otherwise, see the kernel); x is read as plain
-[BLOCK_M, BLOCK_K] tiles through Triton's software pipeline (``num_stages``).
+* ``stats=nested`` (default; what vLLM's bitsandbytes path stores, ``compress_statistics``):
+  one uint8 code per block into a 256-entry fp32 dynamic map, times an fp32 absmax per 256
+  blocks, plus an fp32 offset -- 1 byte per 64 weights, 1/32 of the packed weight.
+* ``stats=fp16`` / ``fp32``: one plain absmax per block (2 or 4 bytes per 64 weights).
 
-Why a 16-bit table and a hand-written prefetch: Triton's pipeliner sends every load of >= 32
-bits per thread that feeds a dot through cp.async into shared memory; a 32- or 64-bit table
-gather would be copied there too (several times the weight bytes in shared-memory traffic),
-while a 16-bit gather is left alone -- but the pipeliner's search for loads then stops at the
-gather and never reaches the packed-weight load behind it. So the kernel itself fetches the
-next k-tile's weight bytes and absmax into registers one iteration ahead of the math.
+Decode: a nibble indexes a 64-byte fp32 table of the 16 levels (one L1 line: a warp's gather
+is one wavefront); the block's absmax is applied once per block to the partial dot product
+(GEMV) or per weight before the MMA (tensor cores). No shared-memory round trip per nibble.
 
-Where the decode time goes (expected, not yet measured): per packed byte the SM issues two
-table gathers and stages two bf16 weights through shared memory for the tensor cores (Triton
-has no register path from a computed tile to an MMA operand), so L1/shared-memory wavefronts,
-not HBM, should bound it below HBM bandwidth; Marlin avoids both with weights pre-shuffled
-into MMA fragment order and register bit tricks. That gap is part of what this path shows.
+Two kernels, picked per call by M (``tile_config``; a tuned table per GPU in
+``dqprof/kernels/configs/<gpu>.json`` overrides the heuristic, see ``tuned.py``):
 
-Tiling, by M (``options`` 0 = this heuristic; any of them can be forced, e.g.
-``triton-nf4[block_n=16,block_k=32]``); warps are chosen to keep ptxas (sm_90) from spilling
-(tests/triton_compile_check.py --asm: with triton 3.6 the decode tiles take 165-168
-registers per thread, so 3 CTAs of 4 warps or 1 of 8 warps per SM; the others <= 155):
+* ``gemv`` (M <= 4, decode): CUDA cores, no tensor cores. Each program owns BLOCK_N rows and a
+  k-range (split-K fills the SMs when N is small); per 8-weight word a thread does 8 nibble
+  extracts, 8 table gathers and 8 * M FMAs against x held in registers (16-byte loads of the 8
+  matching x values), fp32 accumulation, absmax per block. Bound by issue (int extract +
+  gather per weight), not by HBM, above ~2.5 TB/s of packed weight (see notes/triton-nf4.md).
+* ``mma`` (any M): the transposed product ``y.T = W_deq @ x.T`` on tensor cores, so the
+  decoded weight tile is the MMA's first operand, which Hopper's wgmma takes from registers
+  (as Machete does): the decoded tile never goes back through shared memory; x.T is the
+  shared-memory operand, fed by Triton's pipeliner. BLOCK_N (the MMA's M) is 64 per warpgroup,
+  BLOCK_M (x rows, the MMA's N) 16 to 256.
 
-* decode, M <= 16: memory-bound; one M tile of 16 rows, so every weight byte is read once.
-  BLOCK_N 64 up to 8 rows, 128 beyond (every n-tile re-reads x from L2), BLOCK_K 128 (64-byte
-  rows per n: whole sectors), 4 warps (8 for BLOCK_N 128). Split-K over k-tiles until there
-  are ~3 CTAs per SM (N = 2560 has only 40 n-tiles of 64), each split keeping >= 4 k-tiles and
-  all fp32 partials under a quarter of the weight bytes; a second small kernel adds the
-  partials and writes bf16 (deterministic; no atomics, no memset).
-* 16 < M <= 64: BLOCK_M 32/64, BLOCK_N 128, BLOCK_K 64, 8 warps; split-K to fill the GPU.
-* M > 64: compute-bound prefill; BLOCK 128x128x64 (BLOCK_M 64 where 128 leaves SMs idle),
-  8 warps, 3 stages, grouped tile order (GROUP_M 8) so neighbouring CTAs share weight tiles
-  in L2; split-K (<= 4) only where the tiles still do not cover the SMs.
-
-CUDA graphs: no host syncs; ``__call__`` allocates only the output (and, with split-K, the
-fp32 workspace) with ``torch.empty``. Kernel names contain ``nf4_mm`` (attributed as gemm).
-CPU tensors run in Triton's interpreter, only with ``TRITON_INTERPRET=1`` set before triton is
-first imported (the tests do this in a subprocess).
+Split-K writes fp32 partials that a small second kernel adds (deterministic; no atomics).
+CUDA graphs: no host syncs; ``__call__`` allocates only the output (and the partials).
+Kernel names contain ``nf4_`` (attributed as gemm). CPU tensors run in Triton's interpreter,
+only with ``TRITON_INTERPRET=1`` set before triton is first imported (the tests do that).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from dqprof.bytemodel import Traffic, nf4_fused
+from dqprof.bytemodel import Traffic, nf4_fused, nf4_stats
 from dqprof.kernels import register
 from dqprof.kernels.base import Backend
-from dqprof.kernels.nf4 import NF4_LEVELS, dequantize_nf4, quantize_nf4
+from dqprof.kernels.nf4 import (
+    NF4_LEVELS,
+    dequantize_nf4,
+    dynamic_map,
+    quantize_absmax_nested,
+    quantize_nf4,
+)
 from dqprof.models.shapes import LinearShape
 
 BLOCKSIZE = 64  # NF4 block (bitsandbytes' default, what vLLM uses)
-LUT_BYTES = 16 * 2  # the 16 NF4 levels in fp16
+NESTED_BLOCK = 256  # blocks of absmax per nested statistic (bitsandbytes' default)
+LUT_BYTES = 16 * 4  # the 16 NF4 levels in fp32: one 64-byte L1 line
+GEMV_MAX_M = 4  # the CUDA-core kernel's accumulators: one per row of x
 DEFAULT_SMS = 132  # H100/H200 SXM; used where no CUDA device answers (interpreter runs)
-_ABSMAX_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+STATS = ("nested", "fp16", "fp32")
+_PLAIN_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
 # triton.language, bound by _kernels() on first use: no module here imports an optional
 # package at import time, and the kernels below resolve ``tl`` through this module's globals.
@@ -85,106 +78,162 @@ tl: Any = None
 # Kernels (plain functions, wrapped by triton.jit in _kernels())
 # ---------------------------------------------------------------------------------------------
 
-def _nf4_mm_kernel(
-    x_ptr, w_ptr, absmax_ptr, lut_ptr, out_ptr,
-    M, N, K,
-    stride_xm, stride_xk, stride_wn, stride_an, stride_om, stride_on, stride_os,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-):
-    """out[m, n] (+ split pid_k's slice of K) = x[m, :] . dequant(W)[n, :]."""
-    HALF: tl.constexpr = BLOCK_K // 2  # packed bytes per n-row of a tile
-    NBLK: tl.constexpr = (BLOCK_K + 63) // 64  # NF4 blocks per tile row (1 when BLOCK_K = 32)
-    BPB: tl.constexpr = HALF // NBLK  # bytes of one tile row that share an absmax
+def _nf4_absmax(a_ptr, a2_ptr, code2_ptr, offset, flat, mask, NESTED: tl.constexpr):
+    """fp32 absmax of the blocks at ``flat`` (row * K/64 + block), either statistics form."""
+    if NESTED:
+        q = tl.load(a_ptr + flat, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(a2_ptr + flat // 256, mask=mask, other=0.0)
+        return tl.load(code2_ptr + q) * scale + offset
+    else:
+        return tl.load(a_ptr + flat, mask=mask, other=0.0).to(tl.float32)
 
-    # Grouped ordering: GROUP_M consecutive M tiles walk the same weight column tiles, so a
-    # weight tile is fetched from HBM once per group rather than once per M tile (large M).
+
+def _nf4_levels(lut_ptr, codes, ASM: tl.constexpr):
+    """The fp32 levels of ``codes``: a gather from the 64-byte table (L1-resident). On the GPU
+    an opaque ld.global.nc, because Triton's pipeliner would otherwise copy every gathered
+    32-bit value through shared memory (cp.async) for the MMA; the interpreter runs tl.load."""
+    if ASM:
+        return tl.inline_asm_elementwise("ld.global.nc.L1::evict_last.f32 $0, [$1];", "=r,l",
+                                         [lut_ptr + codes], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return tl.load(lut_ptr + codes)
+
+
+def _nf4_gemv_row(acc, v, x_row_ptr, k_x, m_ok, a_w):
+    """acc[n, w] += absmax * sum_j level * x for one row of x (8 x values per word)."""
+    x = tl.load(x_row_ptr + k_x, mask=m_ok, other=0.0).to(tl.float32)  # [WPT, 8]
+    return acc + tl.sum(v * x[None, :, :], axis=2) * a_w
+
+
+def _nf4_gemv_kernel(
+    x_ptr, w_ptr, a_ptr, a2_ptr, code2_ptr, lut_ptr, out_ptr,
+    M, N, K, offset, stride_xm, stride_om, stride_os,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, NESTED: tl.constexpr, ASM: tl.constexpr,
+):
+    """out[m, n] (+ split pid_k's slice of K) = x[m, :] . dequant(W)[n, :], M <= 4."""
+    WPT: tl.constexpr = BLOCK_K // 8  # int32 words per row of a k-tile
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_w = tl.arange(0, WPT)
+    offs_j = tl.arange(0, 8)
+    # nibble j of a word is k = 8w + j: byte j // 2, the high nibble for even j
+    shifts = (offs_j // 2) * 8 + (1 - offs_j % 2) * 4
+    kw = K // 8
+    kb = K // 64
+    k_tiles = K // BLOCK_K
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    kt_lo = pid_k * per_split
+    kt_hi = tl.minimum(kt_lo + per_split, k_tiles)
+    rows = offs_n.to(tl.int64)
+    w_rows = w_ptr + rows[:, None] * kw
+    a_rows = rows[:, None] * kb
+    k_sub = offs_w[:, None] * 8 + offs_j[None, :]  # [WPT, 8]: k within the tile
+    zero_k = k_sub * 0  # row masks as tensors ([WPT, 8] bools: what the interpreter takes)
+
+    acc0 = tl.zeros((BLOCK_N, WPT), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, WPT), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, WPT), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, WPT), dtype=tl.float32)
+    for kt in range(kt_lo, kt_hi):
+        words = tl.load(w_rows + (kt * WPT + offs_w)[None, :], mask=n_mask[:, None], other=0)
+        codes = (words[:, :, None] >> shifts[None, None, :]) & 15
+        v = _nf4_levels(lut_ptr, codes, ASM)  # [BLOCK_N, WPT, 8] fp32 levels
+        blk = (kt * BLOCK_K + offs_w * 8) // 64
+        a_w = _nf4_absmax(a_ptr, a2_ptr, code2_ptr, offset, a_rows + blk[None, :],
+                          n_mask[:, None], NESTED)
+        k_x = kt * BLOCK_K + k_sub
+        acc0 = _nf4_gemv_row(acc0, v, x_ptr, k_x, zero_k + 0 < M, a_w)
+        if BLOCK_M > 1:
+            acc1 = _nf4_gemv_row(acc1, v, x_ptr + stride_xm, k_x, zero_k + 1 < M, a_w)
+        if BLOCK_M > 2:
+            acc2 = _nf4_gemv_row(acc2, v, x_ptr + 2 * stride_xm, k_x, zero_k + 2 < M, a_w)
+            acc3 = _nf4_gemv_row(acc3, v, x_ptr + 3 * stride_xm, k_x, zero_k + 3 < M, a_w)
+
+    out = out_ptr + pid_k.to(tl.int64) * stride_os + offs_n
+    _nf4_gemv_store(out, acc0, n_mask, SPLIT_K)
+    if BLOCK_M > 1:
+        _nf4_gemv_store(out + stride_om, acc1, n_mask & (offs_n * 0 + 1 < M), SPLIT_K)
+    if BLOCK_M > 2:
+        _nf4_gemv_store(out + 2 * stride_om, acc2, n_mask & (offs_n * 0 + 2 < M), SPLIT_K)
+        _nf4_gemv_store(out + 3 * stride_om, acc3, n_mask & (offs_n * 0 + 3 < M), SPLIT_K)
+
+
+def _nf4_gemv_store(out, acc, mask, SPLIT_K: tl.constexpr):
+    y = tl.sum(acc, axis=1)
+    if SPLIT_K == 1:
+        tl.store(out, y.to(tl.bfloat16), mask=mask)
+    else:  # fp32 partial sums; _nf4_splitk_reduce adds them
+        tl.store(out, y, mask=mask)
+
+
+def _nf4_mma_kernel(
+    x_ptr, w_ptr, a_ptr, a2_ptr, code2_ptr, lut_ptr, out_ptr,
+    M, N, K, offset, stride_xm, stride_om, stride_os,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, GROUP_N: tl.constexpr, NESTED: tl.constexpr,
+    ASM: tl.constexpr,
+):
+    """out[m, n] (+ split pid_k's slice) via acc[n, m] = dequant(W)[n, :] @ x[m, :].T."""
+    WPT: tl.constexpr = BLOCK_K // 8
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_pid_n
-    first_m = (pid // width) * GROUP_M
-    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_m = tl.cdiv(M, BLOCK_M)
+    # Grouped order: GROUP_N consecutive weight tiles walk the same x tiles, so a weight tile
+    # is fetched from HBM once per group of x tiles rather than once per x tile (large M).
+    width = GROUP_N * num_m
+    first_n = (pid // width) * GROUP_N
+    size_n = tl.minimum(num_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % width) % size_n
+    pid_m = (pid % width) // size_n
 
-    # This program's k-tiles: split pid_k of SPLIT_K (an empty range leaves zeros).
-    k_tiles = tl.cdiv(K, BLOCK_K)
+    k_tiles = K // BLOCK_K
     per_split = tl.cdiv(k_tiles, SPLIT_K)
     kt_lo = pid_k * per_split
     kt_hi = tl.minimum(kt_lo + per_split, k_tiles)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_w = tl.arange(0, WPT)
+    offs_j = tl.arange(0, 8)
     offs_k = tl.arange(0, BLOCK_K)
-    offs_b = tl.arange(0, HALF)
-    offs_s = tl.arange(0, NBLK)
-    m_mask = offs_m < M
+    shifts = (offs_j // 2) * 8 + (1 - offs_j % 2) * 4
     n_mask = offs_n < N
-    # 64-bit row offsets: n * k / 2 passes 2**31 bytes for vocabulary-sized layers.
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    a_rows = absmax_ptr + offs_n.to(tl.int64)[:, None] * stride_an
+    m_mask = offs_m < M
+    kw = K // 8
+    kb = K // 64
+    rows = offs_n.to(tl.int64)
+    w_rows = w_ptr + rows[:, None] * kw
+    a_rows = rows[:, None] * kb
+    x_cols = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm  # [1, BLOCK_M]
 
-    # The first k-tile's weight bytes and absmax; each iteration then fetches the next tile's
-    # into registers before its own math (see the module docstring: the pipeliner skips them).
-    # (rows past N, or a whole tile past this split's range, are masked through the row bound)
-    w_mask = (offs_n < tl.where(kt_lo < kt_hi, N, 0))[:, None]
-    k_b = kt_lo * HALF + offs_b
-    k_s = (kt_lo * BLOCK_K) // 64 + offs_s
-    if EVEN_K:
-        packed = tl.load(w_rows + k_b[None, :], mask=w_mask, other=0)
-        absmax = tl.load(a_rows + k_s[None, :], mask=w_mask, other=0.0)
-    else:  # the last k-tile runs past K (by whole 64-blocks, since K % 64 == 0)
-        packed = tl.load(w_rows + k_b[None, :], mask=w_mask & (k_b < K // 2)[None, :], other=0)
-        absmax = tl.load(a_rows + k_s[None, :], mask=w_mask & (k_s < K // 64)[None, :],
-                         other=0.0)
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for kt in range(kt_lo, kt_hi):
-        w_mask = (offs_n < tl.where(kt + 1 < kt_hi, N, 0))[:, None]
-        k_b = (kt + 1) * HALF + offs_b
-        k_s = ((kt + 1) * BLOCK_K) // 64 + offs_s
-        k_x = kt * BLOCK_K + offs_k
-        if EVEN_K:
-            next_packed = tl.load(w_rows + k_b[None, :], mask=w_mask, other=0)
-            next_absmax = tl.load(a_rows + k_s[None, :], mask=w_mask, other=0.0)
-            x = tl.load(x_rows + k_x[None, :] * stride_xk, mask=m_mask[:, None], other=0.0)
-        else:
-            next_packed = tl.load(w_rows + k_b[None, :], mask=w_mask & (k_b < K // 2)[None, :],
-                                  other=0)
-            next_absmax = tl.load(a_rows + k_s[None, :],
-                                  mask=w_mask & (k_s < K // 64)[None, :], other=0.0)
-            x = tl.load(x_rows + k_x[None, :] * stride_xk,
-                        mask=m_mask[:, None] & (k_x < K)[None, :], other=0.0)
-        # Decode: high nibble = even k, low nibble = odd k; 16-bit gathers from the 32-byte
-        # table. Masked bytes decode to -1 but meet a zero absmax.
-        hi = tl.load(lut_ptr + (packed >> 4).to(tl.int32)).to(tl.float32)
-        lo = tl.load(lut_ptr + (packed & 15).to(tl.int32)).to(tl.float32)
-        scale = tl.reshape(tl.broadcast_to(absmax.to(tl.float32)[:, :, None],
-                                           (BLOCK_N, NBLK, BPB)), (BLOCK_N, HALF))
-        # Interleave the halves back into k order ([n, c, 2] -> [n, 2c + nibble]), then round
-        # to bf16. The rounding must come after the reshape, not before: for a wgmma dot
-        # (BLOCK_M >= 64 on sm_90) triton 3.6's optimize-dot-operands pass moves the operand's
-        # shared-memory copy up through the trans, then (ReshapeMemDesc) through a reshape
-        # right below it, onto the [n, c, 2] join, which has no legal NVMMA shared layout:
-        # "Illegal shared layout", "PassManager::run failed". The same values either way.
-        w = tl.reshape(tl.join(hi * scale, lo * scale), (BLOCK_N, BLOCK_K)).to(tl.bfloat16)
-        acc = tl.dot(x, tl.trans(w), acc)  # w's [n, k] copy, k-contiguous; the trans is free
-        packed = next_packed
-        absmax = next_absmax
+        words = tl.load(w_rows + (kt * WPT + offs_w)[None, :], mask=n_mask[:, None], other=0)
+        blk = (kt * BLOCK_K + offs_w * 8) // 64
+        a_w = _nf4_absmax(a_ptr, a2_ptr, code2_ptr, offset, a_rows + blk[None, :],
+                          n_mask[:, None], NESTED)
+        xt = tl.load(x_cols + (kt * BLOCK_K + offs_k)[:, None], mask=m_mask[None, :],
+                     other=0.0)  # [BLOCK_K, BLOCK_M]
+        codes = (words[:, :, None] >> shifts[None, None, :]) & 15
+        v = _nf4_levels(lut_ptr, codes, ASM) * a_w[:, :, None]
+        w = tl.reshape(v, (BLOCK_N, BLOCK_K)).to(tl.bfloat16)
+        acc = tl.dot(w, xt, acc)
 
-    out = (out_ptr + pid_k.to(tl.int64) * stride_os + offs_m.to(tl.int64)[:, None] * stride_om
-           + offs_n[None, :] * stride_on)
-    mask = m_mask[:, None] & n_mask[None, :]
+    out = (out_ptr + pid_k.to(tl.int64) * stride_os + offs_m.to(tl.int64)[None, :] * stride_om
+           + offs_n[:, None])
+    mask = n_mask[:, None] & m_mask[None, :]
     if SPLIT_K == 1:
         tl.store(out, acc.to(tl.bfloat16), mask=mask)
-    else:  # fp32 partial sums; _nf4_mm_splitk_reduce adds them
+    else:
         tl.store(out, acc, mask=mask)
 
 
-def _nf4_mm_splitk_reduce(ws_ptr, y_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+def _nf4_splitk_reduce(ws_ptr, y_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
     """y[i] = bf16(sum_s ws[s, i]) over the flattened [m, n] output."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
@@ -202,8 +251,11 @@ def _kernels() -> SimpleNamespace:
     import triton.language
 
     tl = triton.language
-    return SimpleNamespace(mm=triton.jit(_nf4_mm_kernel),
-                           reduce=triton.jit(_nf4_mm_splitk_reduce))
+    helpers = {f.__name__: triton.jit(f) for f in (_nf4_absmax, _nf4_levels, _nf4_gemv_row,
+                                                  _nf4_gemv_store)}
+    globals().update(helpers)  # the kernels call the jitted helpers by name
+    return SimpleNamespace(gemv=triton.jit(_nf4_gemv_kernel), mma=triton.jit(_nf4_mma_kernel),
+                           reduce=triton.jit(_nf4_splitk_reduce))
 
 
 def _check_interpreter(device: torch.device) -> None:
@@ -227,21 +279,26 @@ def _sm_count(device: torch.device) -> int:
 
 @dataclass(frozen=True)
 class TileConfig:
+    kernel: str  # "gemv" or "mma"
     block_m: int
     block_n: int
     block_k: int
     split_k: int
     num_warps: int
     num_stages: int
-    group_m: int = 8
+    group_n: int = 8
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _largest_pow2_at_most(x: int) -> int:
-    return 1 << (max(1, x).bit_length() - 1)
+def _divisor_block_k(k: int, want: int) -> int:
+    """The largest power of two <= want that divides K (K % 64 == 0, so >= 64)."""
+    bk = want
+    while k % bk and bk > 64:
+        bk //= 2
+    return bk
 
 
 def _auto_split(tiles: int, k_tiles: int, target: int, min_iters: int, max_split: int) -> int:
@@ -257,56 +314,181 @@ def _auto_split(tiles: int, k_tiles: int, target: int, min_iters: int, max_split
     return best
 
 
-def tile_config(m: int, n: int, k: int, sms: int, opts: dict[str, Any]) -> TileConfig:
-    """Block sizes, split-K and launch parameters for one call (options 0 = heuristic)."""
+def heuristic_config(m: int, n: int, k: int, sms: int) -> TileConfig:
+    """The fallback when no tuned table matches (and the start point of `dqprof tune`)."""
     m = max(m, 1)
-    if m <= 16:  # decode: memory-bound, one pass over the packed weight
-        bm, bk, stages = 16, 128, 4
-        target, min_iters, max_split = 3 * sms, 4, 16
-        # every n-tile re-reads x (from L2): past 8 rows, wider tiles halve that traffic
-        bn = 128 if m > 8 or _cdiv(n, 128) >= target else 64
-    elif m <= 64:  # small batches: still mostly bandwidth, larger M tiles reuse the weight
-        bm, bn, bk, stages = (32 if m <= 32 else 64), 128, 64, 3
-        target, min_iters, max_split = 2 * sms, 4, 8
-    else:  # prefill: compute-bound, tensor-core sized tiles (64 rows if 128 leaves SMs idle)
-        bm, bn, bk, stages = 128, 128, 64, 3
-        if _cdiv(m, 128) * _cdiv(n, 128) < sms:
-            bm = 64
-        target, min_iters, max_split = sms, 8, 4
-    if m <= 64:  # split-K's fp32 partials (written, read back) under a quarter of the weight
-        max_split = min(max_split, max(1, k // (32 * m)))
-    bm = opts.get("block_m") or bm
-    bn = opts.get("block_n") or min(bn, max(16, 1 << (n - 1).bit_length()))
-    bk = opts.get("block_k") or bk
-    if not opts.get("block_k"):  # a BLOCK_K dividing K avoids the masked tail tile
-        while k % bk and bk > 64:
-            bk //= 2
-    # 8 warps for the wide tiles keeps ptxas (sm_90) from spilling (<= 168 registers)
-    warps = 8 if bn >= 128 or (bm >= 32 and bn >= 64) else 4
-    k_tiles = _cdiv(k, bk)
-    tiles = _cdiv(m, bm) * _cdiv(n, bn)
-    split = opts.get("split_k") or _auto_split(tiles, k_tiles, target, min_iters, max_split)
-    return TileConfig(bm, bn, bk, split, opts.get("num_warps") or warps,
-                      opts.get("num_stages") or stages)
+    if m <= GEMV_MAX_M:  # decode: CUDA cores, one pass over the packed weight
+        bm = 1 << (m - 1).bit_length()
+        bn, bk, warps = 16, _divisor_block_k(k, 256), 4
+        tiles = _cdiv(n, bn)
+        split = _auto_split(tiles, k // bk, 4 * sms, 2, 16)
+        return TileConfig("gemv", bm, bn, bk, split, warps, 1)
+    if m <= 64:  # small batches: still bandwidth-bound, the MMA's N is the batch
+        bm = max(16, 1 << (m - 1).bit_length())
+        bn, bk, warps, stages = 64, _divisor_block_k(k, 128), 4, 3
+        tiles = _cdiv(n, bn) * _cdiv(m, bm)
+        split = _auto_split(tiles, k // bk, 2 * sms, 4, 8)
+        split = min(split, max(1, k // (32 * m)))  # fp32 partials under a quarter of W
+        return TileConfig("mma", bm, bn, bk, split, warps, stages)
+    # prefill: compute-bound; 128 weight rows (two warpgroups) x 128 tokens
+    bm = 128 if m >= 128 else 64
+    bn, bk, warps, stages = 128, _divisor_block_k(k, 64), 8, 3
+    tiles = _cdiv(n, bn) * _cdiv(m, bm)
+    split = _auto_split(tiles, k // bk, sms, 8, 4)
+    return TileConfig("mma", bm, bn, bk, split, warps, stages)
+
+
+def tile_config(m: int, n: int, k: int, sms: int, opts: dict[str, Any],
+                table: Any = None) -> TileConfig:
+    """The config of one call: forced options > tuned table > heuristic."""
+    cfg = (table.lookup(m, n, k) if table is not None else None) or heuristic_config(m, n, k, sms)
+    forced = {key: opts[key] for key in ("kernel", "block_m", "block_n", "block_k", "split_k",
+                                         "num_warps", "num_stages") if opts.get(key)}
+    if forced:
+        if forced.get("kernel", cfg.kernel) != cfg.kernel:  # another kernel: its own defaults
+            cfg = _other_kernel(forced["kernel"], m, n, k, sms)
+        cfg = replace(cfg, **forced)
+    if cfg.kernel == "gemv" and m > GEMV_MAX_M:
+        raise ValueError(f"triton-nf4 kernel=gemv takes M <= {GEMV_MAX_M} (M={m})")
+    if k % cfg.block_k:
+        cfg = replace(cfg, block_k=_divisor_block_k(k, cfg.block_k))
+    return cfg
+
+
+def _other_kernel(kernel: str, m: int, n: int, k: int, sms: int) -> TileConfig:
+    if kernel == "gemv":
+        return heuristic_config(min(m, GEMV_MAX_M), n, k, sms)
+    return heuristic_config(max(m, GEMV_MAX_M + 1), n, k, sms)
+
+
+# ---------------------------------------------------------------------------------------------
+# State and the call (shared by the sweep's backend and the vLLM plugin)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Nf4State:
+    packed: torch.Tensor  # uint8 [n, k/2]: bitsandbytes' NF4 bytes
+    absmax: torch.Tensor  # nested: uint8 [n*k/64]; plain: fp16/fp32 [n*k/64]
+    absmax2: torch.Tensor | None  # nested: fp32 [ceil(blocks/256)]; plain: None
+    code2: torch.Tensor | None  # nested: the fp32 [256] dynamic map; plain: None
+    offset: float  # nested: the mean bitsandbytes subtracted; plain: 0
+    lut: torch.Tensor  # fp32 [16] NF4 levels
+    n: int
+    k: int
+
+    @property
+    def nested(self) -> bool:
+        return self.absmax2 is not None
+
+    def absmax_fp32(self) -> torch.Tensor:
+        """fp32 absmax per block, decoded as the kernels decode it."""
+        if not self.nested:
+            return self.absmax.float()
+        scale = self.absmax2.repeat_interleave(NESTED_BLOCK)[: self.absmax.numel()]
+        return self.code2[self.absmax.long()] * scale + self.offset
+
+
+def nf4_table(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 16 NF4 levels in fp32, as the kernels read them (64 bytes: one L1 line)."""
+    return torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
+
+
+def quantize_state(weight: torch.Tensor, stats: str = "nested") -> Nf4State:
+    """bf16 [n, k] -> NF4 state: bitsandbytes' own quantize_4bit where it runs (CUDA), else
+    dqprof's torch quantizer (the same codes, see kernels/nf4.py)."""
+    n, k = weight.shape
+    if k % BLOCKSIZE:
+        raise ValueError(f"triton-nf4 needs K % {BLOCKSIZE} == 0 (K={k})")
+    if weight.is_cuda and _bnb_functional() is not None:
+        packed, qs = _bnb_functional().quantize_4bit(
+            weight.contiguous(), blocksize=BLOCKSIZE, quant_type="nf4",
+            compress_statistics=stats == "nested")
+        return from_bnb(packed, qs, n, k, stats)
+    packed, absmax = [], []
+    step = max(1, (1 << 22) // k)  # rows per chunk: bounds quantize_nf4's [numel, 16] temp
+    for start in range(0, n, step):
+        p, a = quantize_nf4(weight[start:start + step])
+        packed.append(p)
+        absmax.append(a)
+    flat = torch.cat(absmax)
+    lut = nf4_table(weight.device)
+    if stats == "nested":
+        q, a2, offset = quantize_absmax_nested(flat, NESTED_BLOCK)
+        code2 = dynamic_map(weight.device)
+        return Nf4State(torch.cat(packed).view(n, k // 2), q, a2, code2, offset, lut, n, k)
+    plain = flat.to(_PLAIN_DTYPES[stats])
+    if not torch.isfinite(plain).all():
+        raise ValueError(f"block absmax overflows {stats}")
+    return Nf4State(torch.cat(packed).view(n, k // 2), plain, None, None, 0.0, lut, n, k)
+
+
+def from_bnb(packed: torch.Tensor, quant_state: Any, n: int, k: int,
+             stats: str = "nested") -> Nf4State:
+    """A state over bitsandbytes' own tensors (no copy of the packed weight): its NF4 bytes
+    and its statistics, nested or plain (plain ones cast to ``stats`` if that is fp16/fp32)."""
+    lut = nf4_table(packed.device)
+    packed = packed.reshape(n, k // 2)
+    if quant_state.nested:
+        s2 = quant_state.state2
+        return Nf4State(packed, quant_state.absmax.reshape(-1), s2.absmax.float().reshape(-1),
+                        s2.code.float(), float(quant_state.offset), lut, n, k)
+    absmax = quant_state.absmax.reshape(-1)
+    if stats in _PLAIN_DTYPES:
+        absmax = absmax.to(_PLAIN_DTYPES[stats])
+    return Nf4State(packed, absmax, None, None, 0.0, lut, n, k)
+
+
+@functools.cache
+def _bnb_functional() -> Any:
+    try:
+        import bitsandbytes.functional as bnbf
+    except Exception:  # not installed, or no CUDA library for this GPU
+        return None
+    return bnbf
+
+
+def nf4_matmul(st: Nf4State, x: torch.Tensor, cfg: TileConfig) -> torch.Tensor:
+    """y [m, n] bf16 = x [m, k] @ dequant(W).T with the given tile config."""
+    if x.dtype != torch.bfloat16:
+        x = x.to(torch.bfloat16)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, n, k = x.shape[0], st.n, st.k
+    _check_interpreter(x.device)
+    kern = _kernels()
+    y = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
+    if m == 0:
+        return y
+    out = y if cfg.split_k == 1 else torch.empty(cfg.split_k, m, n, dtype=torch.float32,
+                                                 device=x.device)
+    a2 = st.absmax2 if st.nested else st.absmax  # unused pointers when plain
+    code2 = st.code2 if st.nested else st.lut
+    args = (x, st.packed.view(torch.int32), st.absmax, a2, code2, st.lut, out, m, n, k, st.offset, x.stride(0),
+            n, m * n)
+    if cfg.kernel == "gemv":
+        for start in range(0, m, GEMV_MAX_M):  # (only a forced gemv passes m > 4 here)
+            rows = min(GEMV_MAX_M, m - start)
+            sub = args if rows == m else (x[start:start + rows], *args[1:7], rows, n, k,
+                                          st.offset, x.stride(0), n, rows * n)
+            kern.gemv[(_cdiv(n, cfg.block_n), cfg.split_k)](
+                *sub, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                SPLIT_K=cfg.split_k, NESTED=st.nested, ASM=x.is_cuda, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages)
+    else:
+        grid = (_cdiv(m, cfg.block_m) * _cdiv(n, cfg.block_n), cfg.split_k)
+        kern.mma[grid](*args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                       SPLIT_K=cfg.split_k, GROUP_N=cfg.group_n, NESTED=st.nested, ASM=x.is_cuda,
+                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.split_k > 1:
+        block = 1024
+        kern.reduce[(_cdiv(m * n, block),)](out, y, m * n, SPLIT_K=cfg.split_k, BLOCK=block,
+                                            num_warps=4)
+    return y
 
 
 # ---------------------------------------------------------------------------------------------
 # Backend
 # ---------------------------------------------------------------------------------------------
-
-def nf4_table(device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 16 NF4 levels in fp16, as the kernel reads them (32 bytes: one L1 line)."""
-    return torch.tensor(NF4_LEVELS, dtype=torch.float16, device=device)
-
-
-@dataclass
-class Nf4State:
-    packed: torch.Tensor  # uint8 [n, k/2]: bitsandbytes' NF4 bytes
-    absmax: torch.Tensor  # fp16 (or fp32) [n, k/64], one per block, not nested
-    lut: torch.Tensor  # fp16 [16] NF4 levels, shared by clones
-    n: int
-    k: int
-
 
 def _check_pow2(name: str, value: Any, low: int) -> None:
     if value == 0:
@@ -318,88 +500,65 @@ def _check_pow2(name: str, value: Any, low: int) -> None:
 @register
 class TritonNf4(Backend):
     name = "triton-nf4"
-    description = ("our fused Triton NF4 GEMM: bitsandbytes NF4 bytes, plain fp16 absmax per "
-                   "64-block (no double quant), dequantized in registers into tl.dot")
+    description = ("our fused Triton NF4 GEMM on bitsandbytes' NF4 bytes and statistics (nested "
+                   "by default): CUDA-core GEMV at M <= 4, transposed tensor-core GEMM beyond")
     requires = ("triton",)
     devices = ("cuda",)
-    options = {"block_m": 0, "block_n": 0, "block_k": 0, "split_k": 0, "num_warps": 0,
-               "num_stages": 0, "absmax": "fp16"}
+    options = {"kernel": "", "block_m": 0, "block_n": 0, "block_k": 0, "split_k": 0,
+               "num_warps": 0, "num_stages": 0, "stats": "nested", "tuned": True}
 
     def __init__(self, **options: Any):
         super().__init__(**options)
         o = self.opts
-        _check_pow2("block_m", o["block_m"], 16)
+        _check_pow2("block_m", o["block_m"], 1)
         _check_pow2("block_n", o["block_n"], 16)
-        _check_pow2("block_k", o["block_k"], 32)
+        _check_pow2("block_k", o["block_k"], 64)
         _check_pow2("num_warps", o["num_warps"], 1)
         for key in ("split_k", "num_stages"):
             if not isinstance(o[key], int) or o[key] < 0:
                 raise ValueError(f"triton-nf4 option {key}={o[key]!r}: an integer >= 0 (0: auto)")
-        if o["absmax"] not in _ABSMAX_DTYPES:
-            raise ValueError(f"triton-nf4 option absmax={o['absmax']!r}: one of "
-                             f"{', '.join(_ABSMAX_DTYPES)}")
+        if o["stats"] not in STATS:
+            raise ValueError(f"triton-nf4 option stats={o['stats']!r}: one of {', '.join(STATS)}")
+        if o["kernel"] not in ("", "gemv", "mma"):
+            raise ValueError(f"triton-nf4 option kernel={o['kernel']!r}: gemv or mma")
+        self._table = None
 
     def supports(self, shape: LinearShape) -> str | None:
         if reason := super().supports(shape):
             return reason
-        if shape.k % BLOCKSIZE:  # NF4 blocks must not straddle rows; N and K tails are masked
+        if shape.k % BLOCKSIZE:  # NF4 blocks must not straddle rows; N tails are masked
             return f"triton-nf4 needs K % {BLOCKSIZE} == 0 (K={shape.k})"
         return None
 
     def prepare(self, weight: torch.Tensor, shape: LinearShape) -> Nf4State:
-        n, k = weight.shape
-        if k % BLOCKSIZE:
-            raise ValueError(f"triton-nf4 needs K % {BLOCKSIZE} == 0 (K={k})")
-        packed, absmax = [], []
-        step = max(1, (1 << 22) // k)  # rows per chunk: bounds quantize_nf4's [numel, 16] temp
-        for start in range(0, n, step):
-            p, a = quantize_nf4(weight[start:start + step])
-            packed.append(p)
-            absmax.append(a)
-        absmax_t = torch.cat(absmax).to(_ABSMAX_DTYPES[self.opts["absmax"]])
-        if not torch.isfinite(absmax_t).all():
-            raise ValueError(f"block absmax overflows {self.opts['absmax']}")
-        return Nf4State(torch.cat(packed).view(n, k // 2), absmax_t.view(n, k // BLOCKSIZE),
-                        nf4_table(weight.device), n, k)
+        return quantize_state(weight, self.opts["stats"])
+
+    def table(self, device: torch.device) -> Any:
+        """The tuned table for this GPU (None: heuristic only, or ``tuned=false``)."""
+        if self._table is None and self.opts["tuned"] and device.type == "cuda":
+            from dqprof.kernels.tuned import table_for_device
+
+            self._table = table_for_device(device) or False
+        return self._table or None
 
     def config(self, m: int, n: int, k: int, device: torch.device) -> TileConfig:
-        return tile_config(m, n, k, _sm_count(device), self.opts)
+        return tile_config(m, n, k, _sm_count(device), self.opts, self.table(device))
 
     def __call__(self, st: Nf4State, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.bfloat16:
-            x = x.to(torch.bfloat16)
-        m, n, k = x.shape[0], st.n, st.k
-        cfg = self.config(m, n, k, x.device)
-        _check_interpreter(x.device)
-        kern = _kernels()
-        y = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
-        if m == 0:
-            return y
-        grid = (_cdiv(m, cfg.block_m) * _cdiv(n, cfg.block_n), cfg.split_k)
-        out = y if cfg.split_k == 1 else torch.empty(cfg.split_k, m, n, dtype=torch.float32,
-                                                     device=x.device)
-        kern.mm[grid](
-            x, st.packed, st.absmax, st.lut, out, m, n, k,
-            x.stride(0), x.stride(1), st.packed.stride(0), st.absmax.stride(0),
-            n, 1, m * n,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            SPLIT_K=cfg.split_k, GROUP_M=cfg.group_m, EVEN_K=k % cfg.block_k == 0,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-        if cfg.split_k > 1:
-            block = 1024
-            kern.reduce[(_cdiv(m * n, block),)](out, y, m * n, SPLIT_K=cfg.split_k,
-                                                 BLOCK=block, num_warps=4)
-        return y
+        return nf4_matmul(st, x, self.config(x.shape[0], st.n, st.k, x.device))
 
     def reference(self, st: Nf4State) -> torch.Tensor:
-        # our torch decoder, from the stored (fp16-rounded) absmax the kernel multiplies by
-        return dequantize_nf4(st.packed, st.absmax.float().reshape(-1), (st.n, st.k), BLOCKSIZE)
+        # our torch decoder, from the stored statistics the kernels decode
+        return dequantize_nf4(st.packed, st.absmax_fp32(), (st.n, st.k), BLOCKSIZE)
 
     def clone(self, st: Nf4State) -> Nf4State:
-        return Nf4State(st.packed.clone(), st.absmax.clone(), st.lut, st.n, st.k)
+        return replace(st, packed=st.packed.clone(), absmax=st.absmax.clone(),
+                       absmax2=None if st.absmax2 is None else st.absmax2.clone())
 
     def traffic(self, shape: LinearShape, m: int, kernels: list[dict] | None = None) -> Traffic:
         # the minimum: split-K's fp32 partials (mostly L2-resident) are not counted
-        return nf4_fused(m, shape.n, shape.k, _ABSMAX_DTYPES[self.opts["absmax"]].itemsize,
-                         LUT_BYTES)
+        stats = self.opts["stats"]
+        if stats == "nested":  # uint8 codes, fp32 per 256 blocks, offset, the 256-entry map
+            scales = nf4_stats(shape.n, shape.k, nested=True) - 256 * 4 + LUT_BYTES
+            return nf4_fused(m, shape.n, shape.k, 0, scales)
+        return nf4_fused(m, shape.n, shape.k, _PLAIN_DTYPES[stats].itemsize, LUT_BYTES)

@@ -1,0 +1,174 @@
+"""`dqprof tune triton-nf4`: measure tile candidates per shape and M bucket, keep the fastest.
+
+For every quantized linear shape of the model and every M bucket (the bucket's largest M is
+the one timed), each candidate config is checked against the fp32 reference first (a wrong
+config is dropped, never timed) and then timed as the sweep times a point: a CUDA graph over
+weight copies rotated past L2, median of back-to-back samples. The table written
+(``dqprof/kernels/configs/<gpu>.json`` by default) is what ``triton-nf4`` reads at prepare
+time; every candidate's time goes to a JSON-lines log beside it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import json
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from dqprof.errors import DqprofError
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+L2_FACTOR = 3.0  # rotated copies hold this many times the L2 size (the sweep's rule)
+REPEATS = 9
+
+
+def candidates(m: int, n: int, k: int, sms: int) -> list[Any]:
+    """The heuristic's config first, then the alternatives worth timing at this M: tile width
+    and depth around the heuristic's, split-K halved and doubled, and at M <= 4 both kernels."""
+    from dqprof.kernels.triton_nf4 import GEMV_MAX_M, TileConfig, heuristic_config
+
+    base = heuristic_config(m, n, k, sms)
+    out = [base]
+
+    def splits(cfg: TileConfig) -> list[int]:
+        k_tiles = k // cfg.block_k
+        return sorted({s for s in (max(1, cfg.split_k // 2), cfg.split_k, cfg.split_k * 2, 1)
+                       if k_tiles % s == 0 and k_tiles // s >= 2})
+
+    def variants(cfg: TileConfig, widths: tuple[int, ...], depths: tuple[int, ...]) -> None:
+        for bn, bk in itertools.product(widths, depths):
+            if k % bk:
+                continue
+            c = replace(cfg, block_n=bn, block_k=bk, split_k=cfg.split_k,
+                        num_warps=cfg.num_warps if cfg.kernel == "gemv" else
+                        (4 if bn == 64 else 8))
+            out.extend(replace(c, split_k=s) for s in splits(c))
+
+    if m <= GEMV_MAX_M:
+        variants(base, (16, 32, 64), (256, 512))
+        mma = heuristic_config(GEMV_MAX_M + 1, n, k, sms)
+        variants(replace(mma, block_m=16), (64, 128), (128, 256))
+    elif m <= 64:
+        variants(base, (64, 128), (128, 256))
+    else:
+        for bm in (64, 128, 256):
+            out.append(replace(base, block_m=bm))
+            out.append(replace(base, block_m=bm, num_stages=4))
+        out.append(replace(base, block_n=64, num_warps=4))
+    seen, unique = set(), []
+    for c in out:
+        if c not in seen:
+            seen.add(c)
+            unique.append(c)
+    return unique
+
+
+def tune(model: str, shapes_filter: str | None, buckets: tuple[int, ...], stats: str,
+         log_path: Path, progress: Callable[[int, int, str], None]) -> dict[str, Any]:
+    """Time every candidate; return the table (also appending every timing to ``log_path``)."""
+    import torch
+
+    from dqprof.kernels.triton_nf4 import TritonNf4, _sm_count, nf4_matmul, quantize_state
+    from dqprof.measure.timing import Replay, time_replay
+    from dqprof.models.config import load_config
+    from dqprof.models.shapes import linear_shapes, select_shapes
+    from dqprof.sweep import REL_TOL, rel_error
+
+    if not torch.cuda.is_available():
+        raise DqprofError("dqprof tune needs a CUDA GPU", exit_code=3)
+    dev = torch.device("cuda")
+    sms = _sm_count(dev)
+    l2 = torch.cuda.get_device_properties(dev).L2_cache_size or 50 << 20
+    shapes = [s for s in select_shapes(linear_shapes(load_config(model)), shapes_filter)
+              if s.quantized and s.k % 64 == 0]
+    backend = TritonNf4(stats=stats, tuned=False)
+    plan = [(s, m, candidates(m, s.n, s.k, sms)) for s in shapes for m in buckets]
+    total, done = sum(len(c) for *_, c in plan), 0
+    entries = []
+    with open(log_path, "a") as log:
+        for shape in shapes:
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            w = (torch.randn(shape.n, shape.k, generator=gen) * 0.02).to(dev, torch.bfloat16)
+            first = quantize_state(w, stats)
+            del w
+            copies = max(1, math.ceil(L2_FACTOR * l2 / backend.resident_bytes(shape)))
+            states = [first] + [backend.clone(first) for _ in range(copies - 1)]
+            ref = backend.reference(first)
+            for s, m, cands in plan:
+                if s is not shape:
+                    continue
+                x = torch.randn(m, shape.k, device=dev, dtype=torch.bfloat16)
+                expected = x.float() @ ref.t()
+                best = None
+                for cfg in cands:
+                    done += 1
+                    progress(done, total, f"{shape.name} m={m} {_label(cfg)}")
+                    rec = {"layer": shape.name, "n": shape.n, "k": shape.k, "m": m,
+                           "config": asdict(cfg)}
+                    try:
+                        err = rel_error(nf4_matmul(first, x, cfg), expected)
+                        if not err <= REL_TOL:
+                            rec.update(status="failed", rel_err=err)
+                        else:
+                            fns = [lambda st=st, c=cfg, xx=x: nf4_matmul(st, xx, c)
+                                   for st in states]
+                            t = time_replay(Replay(fns, "cuda"), REPEATS)
+                            rec.update(status="ok", rel_err=err, median_s=t.median_s,
+                                       rel_spread=t.rel_spread)
+                            if best is None or t.median_s < best[1]:
+                                best = (cfg, t.median_s)
+                    except Exception as e:  # a config that does not compile or launch
+                        rec.update(status="failed", reason=f"{type(e).__name__}: {e}"[:300])
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                if best is not None:
+                    entries.append({"layer": shape.name, "n": shape.n, "k": shape.k,
+                                    "m_max": m, "config": asdict(best[0]),
+                                    "median_s": best[1]})
+                torch.cuda.synchronize()
+            del states, first, ref
+            torch.cuda.empty_cache()
+    # the config timed at a bucket's M serves every M above the previous bucket up to it; M
+    # past the last bucket falls back to the heuristic
+    return {"schema": 1, "gpu": torch.cuda.get_device_name(dev), "sms": sms,
+            "stats": stats, "triton": _triton_version(), "torch": torch.__version__,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "buckets": list(buckets),
+            "entries": sorted(entries, key=lambda e: (e["n"], e["k"], e["m_max"]))}
+
+
+def _label(cfg: Any) -> str:
+    return (f"{cfg.kernel} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} s{cfg.split_k} "
+            f"w{cfg.num_warps} st{cfg.num_stages}")
+
+
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+def summarize(log_path: Path) -> Iterator[dict[str, Any]]:
+    """Per (layer, m): the heuristic's time, the best time and config (from the log)."""
+    rows: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for line in Path(log_path).read_text().splitlines():
+        r = json.loads(line)
+        rows.setdefault((r["layer"], r["m"]), []).append(r)
+    for (layer, m), recs in rows.items():
+        ok = [r for r in recs if r["status"] == "ok"]
+        if not ok:
+            continue
+        best = min(ok, key=lambda r: r["median_s"])
+        yield {"layer": layer, "m": m, "heuristic_s": recs[0].get("median_s"),
+               "best_s": best["median_s"], "best": _label(_config(best["config"])),
+               "failed": sum(r["status"] != "ok" for r in recs), "tried": len(recs)}
+
+
+def _config(cfg: dict[str, Any]) -> Any:
+    from dqprof.kernels.triton_nf4 import TileConfig
+
+    return TileConfig(**cfg)
