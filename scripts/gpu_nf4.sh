@@ -4,7 +4,7 @@
 #   bash scripts/gpu_nf4.sh [M buckets]        (on the GPU machine, from the repo root)
 set -uo pipefail
 export PYTHONPATH=${GPU_SITE:-/tmp/gpu-site}:$PWD PYTHONUNBUFFERED=1
-M=${1:-1,4,16,64,256,1024,4096}
+M=${1:-1,2,4,8,16}
 nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.sm,temperature.gpu --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 t0=$(date +%s)

@@ -64,7 +64,7 @@ from dqprof.models.shapes import LinearShape
 BLOCKSIZE = 64  # NF4 block (bitsandbytes' default, what vLLM uses)
 NESTED_BLOCK = 256  # blocks of absmax per nested statistic (bitsandbytes' default)
 LUT_BYTES = 16 * 4  # the 16 NF4 levels in fp32: one 64-byte L1 line
-GEMV_MAX_M = 4  # the CUDA-core kernel's accumulators: one per row of x
+GEMV_MAX_M = 16  # the CUDA-core kernel: M FMAs per weight; tensor cores beyond
 DEFAULT_SMS = 132  # H100/H200 SXM; used where no CUDA device answers (interpreter runs)
 STATS = ("nested", "fp16", "fp32")
 _PLAIN_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
@@ -100,30 +100,82 @@ def _nf4_levels(lut_ptr, codes, ASM: tl.constexpr):
         return tl.load(lut_ptr + codes)
 
 
-def _nf4_gemv_row(acc, v, x_row_ptr, k_x, m_ok, a_w):
-    """acc[n, w] += absmax * sum_j level * x for one row of x (8 x values per word)."""
-    x = tl.load(x_row_ptr + k_x, mask=m_ok, other=0.0).to(tl.float32)  # [WPT, 8]
-    return acc + tl.sum(v * x[None, :, :], axis=2) * a_w
+# One word's 8 levels in k order (nibble j = k 8w + j: byte j // 2, high nibble for even j).
+# The table is 64-byte aligned, so a level's address is the table's with code * 4 OR-ed into
+# its low word: per weight one shift and one LOP3 (mask + or), then an L1 load ($9, $10: the
+# table address's low and high words).
+_DECODE8_PTX = "\n".join(
+    ["{", ".reg .b32 c<8>;", ".reg .b64 a<8>;"]
+    + [f"{op} c{j}, $8, {sh}; and.b32 c{j}, c{j}, 60; or.b32 c{j}, c{j}, $9;"
+       f" mov.b64 a{j}, {{c{j}, $10}}; ld.global.nc.L1::evict_last.f32 ${j}, [a{j}];"
+       for j, (op, sh) in enumerate(
+           [("shr.u32", 2), ("shl.b32", 2), ("shr.u32", 10), ("shr.u32", 6), ("shr.u32", 18),
+            ("shr.u32", 14), ("shr.u32", 26), ("shr.u32", 22)])]
+    + ["}"])
+
+
+# 8 consecutive bf16 of x (one 16-byte load) as 8 fp32 (bf16 is fp32's upper half)
+_LOAD_X8_PTX = "\n".join(
+    ["{", ".reg .b32 r<4>;", "ld.global.nc.v4.b32 {r0, r1, r2, r3}, [$8];"]
+    + [f"shl.b32 ${2 * i}, r{i}, 16; and.b32 ${2 * i + 1}, r{i}, 0xffff0000;" for i in range(4)]
+    + ["}"])
+
+
+def _nf4_load_x8(ptrs, ASM: tl.constexpr):
+    """x[ptrs + j] for j < 8 as 8 fp32 tensors (``ptrs`` 16-byte aligned)."""
+    if ASM:
+        return tl.inline_asm_elementwise(_LOAD_X8, "=r,=r,=r,=r,=r,=r,=r,=r,l", [ptrs],
+                                         dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+    else:
+        return (tl.load(ptrs).to(tl.float32), tl.load(ptrs + 1).to(tl.float32),
+                tl.load(ptrs + 2).to(tl.float32), tl.load(ptrs + 3).to(tl.float32),
+                tl.load(ptrs + 4).to(tl.float32), tl.load(ptrs + 5).to(tl.float32),
+                tl.load(ptrs + 6).to(tl.float32), tl.load(ptrs + 7).to(tl.float32))
+
+
+def _nf4_word_dot(v0, v1, v2, v3, v4, v5, v6, v7, xr, ASM: tl.constexpr):
+    """sum_j v_j * x_j per word, x_j broadcast over the rows."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = _nf4_load_x8(xr, ASM)
+    s = v0 * x0[None, :] + v1 * x1[None, :]
+    s += v2 * x2[None, :] + v3 * x3[None, :]
+    s += v4 * x4[None, :] + v5 * x5[None, :]
+    s += v6 * x6[None, :] + v7 * x7[None, :]
+    return s
+
+
+def _nf4_decode8(words, lut_ptr, lut_lo, lut_hi, ASM: tl.constexpr):
+    """8 tensors shaped like ``words``: the fp32 level of nibble j of each word."""
+    if ASM:
+        zero = words * 0
+        return tl.inline_asm_elementwise(_DECODE8, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r",
+                                         [words, zero + lut_lo, zero + lut_hi],
+                                         dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+    else:
+        return (tl.load(lut_ptr + ((words >> 4) & 15)), tl.load(lut_ptr + (words & 15)),
+                tl.load(lut_ptr + ((words >> 12) & 15)), tl.load(lut_ptr + ((words >> 8) & 15)),
+                tl.load(lut_ptr + ((words >> 20) & 15)), tl.load(lut_ptr + ((words >> 16) & 15)),
+                tl.load(lut_ptr + ((words >> 28) & 15)), tl.load(lut_ptr + ((words >> 24) & 15)))
 
 
 def _nf4_gemv_kernel(
     x_ptr, w_ptr, a_ptr, a2_ptr, code2_ptr, lut_ptr, out_ptr,
-    M, N, K, offset, stride_xm, stride_om, stride_os,
+    M, N, K, kw, kb, offset, stride_xm, stride_om, stride_os, lut_lo, lut_hi,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, NESTED: tl.constexpr, ASM: tl.constexpr,
 ):
-    """out[m, n] (+ split pid_k's slice of K) = x[m, :] . dequant(W)[n, :], M <= 4."""
+    """out[m, n] (+ split pid_k's slice of K) = x[m, :] . dequant(W)[n, :] on CUDA cores.
+
+    Every tensor is [BLOCK_N, words] or a slice of it, in the words' (coalesced, 16-byte)
+    layout, so nothing changes layout inside the loop: a thread decodes its own words, reads
+    the 8 matching x values per row from L1 (shared by the rows it holds), and a row's partial
+    sum is reduced across the threads of its k-range once per k-tile."""
     WPT: tl.constexpr = BLOCK_K // 8  # int32 words per row of a k-tile
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_w = tl.arange(0, WPT)
-    offs_j = tl.arange(0, 8)
-    # nibble j of a word is k = 8w + j: byte j // 2, the high nibble for even j
-    shifts = (offs_j // 2) * 8 + (1 - offs_j % 2) * 4
-    kw = K // 8
-    kb = K // 64
+    offs_m = tl.arange(0, BLOCK_M)
     k_tiles = K // BLOCK_K
     per_split = tl.cdiv(k_tiles, SPLIT_K)
     kt_lo = pid_k * per_split
@@ -131,48 +183,40 @@ def _nf4_gemv_kernel(
     rows = offs_n.to(tl.int64)
     w_rows = w_ptr + rows[:, None] * kw
     a_rows = rows[:, None] * kb
-    k_sub = offs_w[:, None] * 8 + offs_j[None, :]  # [WPT, 8]: k within the tile
-    zero_k = k_sub * 0  # row masks as tensors ([WPT, 8] bools: what the interpreter takes)
 
-    acc0 = tl.zeros((BLOCK_N, WPT), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_N, WPT), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_N, WPT), dtype=tl.float32)
-    acc3 = tl.zeros((BLOCK_N, WPT), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, WPT), dtype=tl.float32)  # M = 1: reduced once, after the loop
     for kt in range(kt_lo, kt_hi):
         words = tl.load(w_rows + (kt * WPT + offs_w)[None, :], mask=n_mask[:, None], other=0)
-        codes = (words[:, :, None] >> shifts[None, None, :]) & 15
-        v = _nf4_levels(lut_ptr, codes, ASM)  # [BLOCK_N, WPT, 8] fp32 levels
+        v0, v1, v2, v3, v4, v5, v6, v7 = _nf4_decode8(words, lut_ptr, lut_lo, lut_hi, ASM)
         blk = (kt * BLOCK_K + offs_w * 8) // 64
         a_w = _nf4_absmax(a_ptr, a2_ptr, code2_ptr, offset, a_rows + blk[None, :],
                           n_mask[:, None], NESTED)
-        k_x = kt * BLOCK_K + k_sub
-        acc0 = _nf4_gemv_row(acc0, v, x_ptr, k_x, zero_k + 0 < M, a_w)
-        if BLOCK_M > 1:
-            acc1 = _nf4_gemv_row(acc1, v, x_ptr + stride_xm, k_x, zero_k + 1 < M, a_w)
-        if BLOCK_M > 2:
-            acc2 = _nf4_gemv_row(acc2, v, x_ptr + 2 * stride_xm, k_x, zero_k + 2 < M, a_w)
-            acc3 = _nf4_gemv_row(acc3, v, x_ptr + 3 * stride_xm, k_x, zero_k + 3 < M, a_w)
+        xk = x_ptr + kt * BLOCK_K + offs_w * 8
+        if BLOCK_M == 1:
+            acc1 += _nf4_word_dot(v0, v1, v2, v3, v4, v5, v6, v7, xk, ASM) * a_w
+        else:
+            for mi in tl.static_range(BLOCK_M):
+                # rows past M read row 0 (in bounds); their sums are never stored
+                xr = tl.where(offs_w * 0 + mi < M, xk + mi * stride_xm, xk)
+                s = _nf4_word_dot(v0, v1, v2, v3, v4, v5, v6, v7, xr, ASM)
+                part = tl.sum(s * a_w, axis=1)
+                acc += tl.where(offs_m[None, :] == mi, part[:, None], 0.0)
+    if BLOCK_M == 1:
+        acc = tl.sum(acc1, axis=1)[:, None]
 
-    out = out_ptr + pid_k.to(tl.int64) * stride_os + offs_n
-    _nf4_gemv_store(out, acc0, n_mask, SPLIT_K)
-    if BLOCK_M > 1:
-        _nf4_gemv_store(out + stride_om, acc1, n_mask & (offs_n * 0 + 1 < M), SPLIT_K)
-    if BLOCK_M > 2:
-        _nf4_gemv_store(out + 2 * stride_om, acc2, n_mask & (offs_n * 0 + 2 < M), SPLIT_K)
-        _nf4_gemv_store(out + 3 * stride_om, acc3, n_mask & (offs_n * 0 + 3 < M), SPLIT_K)
-
-
-def _nf4_gemv_store(out, acc, mask, SPLIT_K: tl.constexpr):
-    y = tl.sum(acc, axis=1)
+    out = (out_ptr + pid_k.to(tl.int64) * stride_os + offs_m.to(tl.int64)[None, :] * stride_om
+           + offs_n[:, None])
+    mask = n_mask[:, None] & (offs_m[None, :] < M)
     if SPLIT_K == 1:
-        tl.store(out, y.to(tl.bfloat16), mask=mask)
+        tl.store(out, acc.to(tl.bfloat16), mask=mask)
     else:  # fp32 partial sums; _nf4_splitk_reduce adds them
-        tl.store(out, y, mask=mask)
+        tl.store(out, acc, mask=mask)
 
 
 def _nf4_mma_kernel(
     x_ptr, w_ptr, a_ptr, a2_ptr, code2_ptr, lut_ptr, out_ptr,
-    M, N, K, offset, stride_xm, stride_om, stride_os,
+    M, N, K, kw, kb, offset, stride_xm, stride_om, stride_os,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_N: tl.constexpr, NESTED: tl.constexpr,
     ASM: tl.constexpr,
@@ -204,8 +248,6 @@ def _nf4_mma_kernel(
     shifts = (offs_j // 2) * 8 + (1 - offs_j % 2) * 4
     n_mask = offs_n < N
     m_mask = offs_m < M
-    kw = K // 8
-    kb = K // 64
     rows = offs_n.to(tl.int64)
     w_rows = w_ptr + rows[:, None] * kw
     a_rows = rows[:, None] * kb
@@ -251,8 +293,10 @@ def _kernels() -> SimpleNamespace:
     import triton.language
 
     tl = triton.language
-    helpers = {f.__name__: triton.jit(f) for f in (_nf4_absmax, _nf4_levels, _nf4_gemv_row,
-                                                  _nf4_gemv_store)}
+    # a jitted function's globals must be constexpr
+    globals().update(_DECODE8=tl.constexpr(_DECODE8_PTX), _LOAD_X8=tl.constexpr(_LOAD_X8_PTX))
+    helpers = {f.__name__: triton.jit(f) for f in (_nf4_absmax, _nf4_levels, _nf4_decode8,
+                                                  _nf4_load_x8, _nf4_word_dot)}
     globals().update(helpers)  # the kernels call the jitted helpers by name
     return SimpleNamespace(gemv=triton.jit(_nf4_gemv_kernel), mma=triton.jit(_nf4_mma_kernel),
                            reduce=triton.jit(_nf4_splitk_reduce))
@@ -317,9 +361,9 @@ def _auto_split(tiles: int, k_tiles: int, target: int, min_iters: int, max_split
 def heuristic_config(m: int, n: int, k: int, sms: int) -> TileConfig:
     """The fallback when no tuned table matches (and the start point of `dqprof tune`)."""
     m = max(m, 1)
-    if m <= GEMV_MAX_M:  # decode: CUDA cores, one pass over the packed weight
+    if m <= 8:  # decode: CUDA cores, one pass over the packed weight
         bm = 1 << (m - 1).bit_length()
-        bn, bk, warps = 16, _divisor_block_k(k, 256), 4
+        bn, bk, warps = (32 if m <= 4 else 16), _divisor_block_k(k, 512), 4
         tiles = _cdiv(n, bn)
         split = _auto_split(tiles, k // bk, 4 * sms, 2, 16)
         return TileConfig("gemv", bm, bn, bk, split, warps, 1)
@@ -358,7 +402,7 @@ def tile_config(m: int, n: int, k: int, sms: int, opts: dict[str, Any],
 def _other_kernel(kernel: str, m: int, n: int, k: int, sms: int) -> TileConfig:
     if kernel == "gemv":
         return heuristic_config(min(m, GEMV_MAX_M), n, k, sms)
-    return heuristic_config(max(m, GEMV_MAX_M + 1), n, k, sms)
+    return replace(heuristic_config(max(m, 9), n, k, sms), kernel="mma")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,6 +491,18 @@ def _bnb_functional() -> Any:
     return bnbf
 
 
+def _split_address(t: torch.Tensor) -> tuple[int, int]:
+    """A tensor's address as (low, high) 32-bit words, each as a signed int32 (kernel args)."""
+    addr = t.data_ptr()
+    if addr % 64:
+        raise ValueError("the NF4 level table must be 64-byte aligned")
+
+    def signed(v: int) -> int:
+        return v - (1 << 32) if v >= 1 << 31 else v
+
+    return signed(addr & 0xFFFFFFFF), signed(addr >> 32)
+
+
 def nf4_matmul(st: Nf4State, x: torch.Tensor, cfg: TileConfig) -> torch.Tensor:
     """y [m, n] bf16 = x [m, k] @ dequant(W).T with the given tile config."""
     if x.dtype != torch.bfloat16:
@@ -463,17 +519,15 @@ def nf4_matmul(st: Nf4State, x: torch.Tensor, cfg: TileConfig) -> torch.Tensor:
                                                  device=x.device)
     a2 = st.absmax2 if st.nested else st.absmax  # unused pointers when plain
     code2 = st.code2 if st.nested else st.lut
-    args = (x, st.packed.view(torch.int32), st.absmax, a2, code2, st.lut, out, m, n, k, st.offset, x.stride(0),
-            n, m * n)
+    # the row strides in words and in blocks are arguments (not K // 8 in the kernel), so
+    # triton sees them divisible by 16 and loads 16 bytes a thread
+    args = (x, st.packed.view(torch.int32), st.absmax, a2, code2, st.lut, out, m, n, k, k // 8,
+            k // 64, st.offset, x.stride(0), n, m * n)
     if cfg.kernel == "gemv":
-        for start in range(0, m, GEMV_MAX_M):  # (only a forced gemv passes m > 4 here)
-            rows = min(GEMV_MAX_M, m - start)
-            sub = args if rows == m else (x[start:start + rows], *args[1:7], rows, n, k,
-                                          st.offset, x.stride(0), n, rows * n)
-            kern.gemv[(_cdiv(n, cfg.block_n), cfg.split_k)](
-                *sub, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                SPLIT_K=cfg.split_k, NESTED=st.nested, ASM=x.is_cuda, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages)
+        kern.gemv[(_cdiv(n, cfg.block_n), cfg.split_k)](
+            *args, *_split_address(st.lut), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            SPLIT_K=cfg.split_k, NESTED=st.nested, ASM=x.is_cuda, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
     else:
         grid = (_cdiv(m, cfg.block_m) * _cdiv(n, cfg.block_n), cfg.split_k)
         kern.mma[grid](*args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
