@@ -21,7 +21,7 @@ from rich.table import Table
 from dqprof.analysis.cli import report
 from dqprof.errors import DqprofError
 from dqprof.fullmodel.cli import model_app
-from dqprof.gate_cli import merge, regress
+from dqprof.gate.cli import merge, regress
 
 app = typer.Typer(
     help="Profile quantized GEMM paths (bf16, bitsandbytes NF4, Marlin int4, tinygemm, Triton) "
