@@ -95,12 +95,25 @@ def regress(
     update_baseline: Annotated[bool, typer.Option(help="Write the current run's ok records "
                                                   "to --baseline (and its run.json beside "
                                                   "it) instead of comparing.")] = False,
+    per_board: Annotated[bool, typer.Option(help="With --update-baseline: --baseline is a "
+                                            "folder of one <board UUID>.jsonl per board; "
+                                            "regress picks the current board's file.")] = False,
 ) -> None:
     """Gate a run against a baseline: exit 0 pass, 1 regression, 2 unusable input."""
     from dqprof.gate import compare as rg
     from dqprof.gate.outputs import to_junit, to_markdown
     from dqprof.results import write_atomic
 
+    if per_board and not update_baseline:
+        _fail("--per-board goes with --update-baseline (regress reads a per-board folder as "
+              "it is)")
+    if update_baseline and per_board:
+        from dqprof.gate.boards import write_board_baselines
+
+        for uuid, n in _guard(lambda: write_board_baselines(current, baseline)):
+            console.print(f"{baseline}/{uuid}.jsonl: baseline written from {current} ({n} ok "
+                          f"records)", highlight=False)
+        return
     if update_baseline:
         n = _guard(lambda: rg.write_baseline(current, baseline))
         console.print(f"{baseline}: baseline written from {current} ({n} ok records; "
