@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -21,7 +21,7 @@ from rich.table import Table
 from dqprof.analysis.cli import report
 from dqprof.errors import DqprofError
 from dqprof.fullmodel.cli import model_app
-from dqprof.gate_cli import merge, regress
+from dqprof.gate.cli import merge, regress
 
 app = typer.Typer(
     help="Profile quantized GEMM paths (bf16, bitsandbytes NF4, Marlin int4, tinygemm, Triton) "
@@ -113,6 +113,10 @@ def bench(
              "override it.")] = None,
     shard: Annotated[str, typer.Option(help="Run part i of n of the plan (i/n), e.g. one "
                                        "process per GPU; join with `dqprof merge`.")] = "1/1",
+    gpus: Annotated[str | None, typer.Option(
+        help="Spread the sweep over GPUs: 'all' or indices like 0,2; one worker process per "
+             "GPU on shard i/n, one merged run folder (--resume continues it on any number "
+             "of GPUs).")] = None,
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Run folder. Default: "
                                              "runs/<time>-<gpu>/.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run folder: recorded "
@@ -150,6 +154,8 @@ def bench(
         if value is not None:
             setattr(cfg, name, value)
     run_dir = out or _default_run_dir(device)
+    if gpus is not None:
+        _bench_gpus(cfg, run_dir, gpus, resume, retry_failed)
     sweep = Sweep(cfg, run_dir, resume=resume, retry_failed=retry_failed)  # plan errors first
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=err_console, transient=False) as bar:
@@ -170,6 +176,36 @@ def bench(
         err_console.print(f"[yellow]warning:[/] {w}")
     console.print(f"{run_dir}: {counts['ok']} ok, {counts['skipped']} skipped, "
                   f"{counts['failed']} failed, {counts['resumed']} already recorded")
+
+
+def _bench_gpus(cfg: Any, run_dir: Path, gpus: str, resume: bool, retry_failed: bool) -> None:
+    """`bench --gpus`: the workers' progress as one line (every 30 s where stderr is a log)."""
+    from dqprof.parallel import Runner
+
+    runner = Runner(cfg, run_dir, gpus, resume, retry_failed)  # bad --gpus: exit 2 here
+    last = [0.0]
+
+    def show(line: str) -> None:
+        if err_console.is_terminal:
+            status.update(line)
+        elif time.monotonic() - last[0] > 30:
+            last[0] = time.monotonic()
+            err_console.print(line, highlight=False)
+
+    with err_console.status(f"starting {len(runner.workers)} worker(s)") as status:
+        runner.show = show
+        code = runner.run()
+    for problem in runner.problems():
+        err_console.print(f"[red]error:[/] {problem}", highlight=False, soft_wrap=True)
+    counts = {s: 0 for s in ("ok", "skipped", "failed")}
+    from dqprof.results import load_records
+
+    for rec in load_records(run_dir):
+        counts[rec["status"]] += 1
+    console.print(f"{run_dir}: {counts['ok']} ok, {counts['skipped']} skipped, "
+                  f"{counts['failed']} failed on {len(runner.workers)} GPU(s) "
+                  f"(shards in {runner.session_dir})")
+    raise typer.Exit(code)
 
 
 @app.command()

@@ -150,6 +150,32 @@ def validate(rec: Any, required: tuple[str, ...] = REQUIRED, kind: str | None = 
     return None
 
 
+def normal_uuid(uuid: Any) -> str | None:
+    """A GPU UUID as NVML writes it ("GPU-..."); torch gives it without the prefix."""
+    if not uuid or not isinstance(uuid, str):
+        return None
+    return uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
+
+
+def board_identity(env: dict[str, Any]) -> dict[str, Any] | None:
+    """{uuid, name} of the GPU an environment (run.json's ``environment``) describes; None on
+    CPU. Boards of one model differ in power: the gate tells a new board from a new kernel
+    by this."""
+    gpu = env.get("gpu") if isinstance(env, dict) else None
+    if not isinstance(gpu, dict):
+        return None
+    return {"uuid": normal_uuid(gpu.get("uuid")), "name": gpu.get("name")}
+
+
+def record_board(rec: dict[str, Any], run: dict[str, Any]) -> str | None:
+    """The UUID of the board that measured ``rec``: its own ``board`` field, else its run's
+    GPU (records written before dqprof kept ``board``); None where neither says."""
+    own = normal_uuid(dig(rec, "board", "uuid"))
+    if own:
+        return own
+    return normal_uuid(dig(run, "environment", "gpu", "uuid"))
+
+
 def dig(rec: Any, *path: str) -> Any:
     """rec[a][b]... or None where any level is missing or not a dict."""
     for p in path:

@@ -29,6 +29,7 @@ from dqprof.models.shapes import LinearShape, linear_shapes, select_shapes
 from dqprof.results import (
     SCHEMA_VERSION,
     RecordWriter,
+    board_identity,
     kernels_path,
     load_records,
     point_key,
@@ -173,6 +174,7 @@ class Sweep:
         self.idle_power_w: float | None = None
         self.power_limit_w: float | None = None
         self.l2_bytes = CPU_CACHE_BYTES
+        self.board: dict[str, Any] | None = None  # {uuid, name}: on every record
         # fail before any work (and before a progress bar) on the errors users make most
         self._check_device()
         if kernels_path(self.run_dir).exists() and not resume:
@@ -209,6 +211,7 @@ class Sweep:
                                    "environment": env}
         if self.cfg.device == "cuda":
             self._setup_gpu(env, session)
+        self.board = board_identity(env)
         info.setdefault("schema", SCHEMA_VERSION)
         info.setdefault("kind", "kernels")
         info.setdefault("model", self.model)
@@ -275,7 +278,7 @@ class Sweep:
                 "layer": s.name, "group": s.group, "n": s.n, "k": s.k, "shards": list(s.shards),
                 "calls_per_token": s.calls_per_token, "per_sequence": s.per_sequence,
                 "m": m, "backend": g.backend.name, "variant": g.variant, "dtype": "bfloat16",
-                "device": self.cfg.device, "time_utc": _now()}
+                "device": self.cfg.device, "board": self.board, "time_utc": _now()}
 
     def _run_group(self, g: Group, todo: list[tuple[int, str]], ceilings: dict[str, float]):
         import torch

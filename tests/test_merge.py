@@ -63,12 +63,14 @@ def test_merge_joins_real_cpu_shards_into_the_whole_plan(tmp_path):
 
 def fake_shard(path: Path, shard: str, ms: tuple[int, ...], gpu: str = "NVIDIA H200",
                window_s: float = 0.5, suite_path: str = "bench/ci-smoke.toml",
-               median_s: float = 1e-5) -> Path:
+               median_s: float = 1e-5, uuid: str | None = None) -> Path:
     cfg = {**SweepConfig(window_s=window_s).as_dict(), "shard": shard,
            "suite": {"path": suite_path, "repeats": 10}}
     path.mkdir(parents=True)
     write_run(path, {"schema": 1, "kind": "kernels", "model": "gemma-4-e4b", "config": cfg,
-                     "environment": {"device": "cuda", "host": "gpu-1", "gpu": {"name": gpu}},
+                     "environment": {"device": "cuda", "host": "gpu-1",
+                                     "gpu": {"name": gpu, "uuid": uuid}},
+                     "ceilings": {"copy_bytes_per_s": 4e12}, "idle_power_w": 80.0,
                      "sessions": [{"config": cfg}]})
     with RecordWriter(path) as w:
         for m in ms:
@@ -81,6 +83,17 @@ def fake_shard(path: Path, shard: str, ms: tuple[int, ...], gpu: str = "NVIDIA H
 
 def merge(*args: str):
     return runner.invoke(app, ["merge", *args])
+
+
+def test_shards_from_two_boards_keep_each_board(tmp_path):
+    a = fake_shard(tmp_path / "a", "1/2", (1,), uuid="GPU-aaaa")
+    b = fake_shard(tmp_path / "b", "2/2", (16,), uuid="b000")  # torch's spelling: no prefix
+    assert merge(str(a), str(b), "-o", str(tmp_path / "all")).exit_code == 0
+    info = json.loads((tmp_path / "all" / "run.json").read_text())
+    assert [(b["uuid"], b["shards"]) for b in info["boards"]] == [("GPU-aaaa", ["1/2"]),
+                                                                  ("GPU-b000", ["2/2"])]
+    assert info["boards"][0]["ceilings"] == {"copy_bytes_per_s": 4e12}
+    assert [s["board"]["uuid"] for s in info["merged_from"]] == ["GPU-aaaa", "GPU-b000"]
 
 
 def test_different_gpus_are_refused_unless_forced(tmp_path):

@@ -118,3 +118,89 @@ def test_cpu_workflow_runs_ci_script_on_python_311():
     assert "pull_request" in wf["on"]
     assert step(job, "setup-python")["with"]["python-version"] == "3.11"  # a string, not 3.11
     assert step(job, ".ci/run")["run"].strip() == "bash .ci/run"
+
+
+# -- the sharded sweep: a GitHub Actions matrix and a SLURM array, both ending in merge ------
+
+def matrix_calls(wf: dict[str, Any], job: str) -> list[list[str]]:
+    """dqprof calls of one job, the workflow's env and the first matrix value filled in."""
+    spec = dict(wf["jobs"][job])
+    env = {**(wf.get("env") or {}), **(spec.get("env") or {})}
+    for name, values in ((spec.get("strategy") or {}).get("matrix") or {}).items():
+        env[f"{{ matrix.{name} }}"] = values[0]
+    for s in spec["steps"]:
+        if "run" in s:
+            s["run"] = s["run"].replace("${{ matrix.shard }}", str(env.get("{ matrix.shard }")))
+    spec["env"] = {k: v for k, v in env.items() if not k.startswith("{")}
+    return dqprof_calls(spec)
+
+
+def test_matrix_workflow_shards_one_plan_then_merges_and_gates():
+    wf = load("gpu-sweep-matrix.yml")
+    shard_job, final = wf["jobs"]["shard"], wf["jobs"]["merge-and-gate"]
+    shards = shard_job["strategy"]["matrix"]["shard"]
+    assert shards == list(range(1, int(wf["env"]["SHARDS"]) + 1))
+    assert shard_job["strategy"]["fail-fast"] is False
+    assert final["needs"] == "shard" and "always()" in final["if"]
+    (bench,) = matrix_calls(wf, "shard")
+    assert bench[0] == "bench" and bench[bench.index("--shard") + 1] == f"1/{len(shards)}"
+    assert (ROOT / bench[bench.index("--suite") + 1]).exists()
+    upload = step(shard_job, "actions/upload-artifact")
+    assert upload["with"]["path"] == "runs/shard-${{ matrix.shard }}"
+    assert step(final, "actions/download-artifact")["with"]["pattern"] == "shard-*"
+    merge, regress = matrix_calls(wf, "merge-and-gate")
+    assert merge[0] == "merge" and merge[1] == "runs/shard-*"
+    out = merge[merge.index("-o") + 1]
+    assert regress[0] == "regress" and regress[regress.index("--current") + 1] == out
+    assert (ROOT / regress[regress.index("--baseline") + 1]).exists()
+    for call in (bench, merge, regress):
+        check_options(call)
+    assert all("@v" in s["uses"] for j in wf["jobs"].values() for s in j["steps"] if "uses" in s)
+
+
+SLURM = ROOT / "bench" / "slurm" / "sweep-array.sh"
+
+
+def slurm_calls() -> list[list[str]]:
+    calls = []
+    for line in SLURM.read_text().replace("\\\n", " ").splitlines():
+        line = line.strip()
+        if line.startswith("dqprof "):
+            calls.append(shlex.split(line)[1:])
+    return calls
+
+
+def test_slurm_array_script_parses_and_ends_in_merge():
+    import subprocess
+
+    assert subprocess.run(["bash", "-n", str(SLURM)]).returncode == 0
+    text = SLURM.read_text()
+    assert "--array=1-" in text and "--dependency=afterany:" in text
+    calls = slurm_calls()
+    assert [c[0] for c in calls] == ["merge", "regress", "bench"]
+    merge, regress, bench = calls
+    assert bench[bench.index("--shard") + 1] == "$SLURM_ARRAY_TASK_ID/$SHARDS"
+    assert merge[1] == '$OUT/shard-*' or merge[1].endswith("/shard-*")
+    assert regress[regress.index("--current") + 1] == merge[merge.index("-o") + 1]
+    for call in calls:
+        check_options(call)
+
+
+def test_slurm_array_script_submits_an_array_and_its_merge(tmp_path):
+    """Run the submitting half with a fake sbatch: what it would hand to SLURM."""
+    import os
+    import subprocess
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    log = tmp_path / "sbatch.log"
+    (fake / "sbatch").write_text(f'#!/bin/sh\necho "$@" >> {log}\necho 4242\n')
+    (fake / "sbatch").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SHARDS": "3",
+           "OUT": str(tmp_path / "out")}
+    env.pop("SLURM_ARRAY_TASK_ID", None)
+    res = subprocess.run(["bash", str(SLURM)], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    array, merge = log.read_text().splitlines()
+    assert "--array=1-3" in array and "--gres=gpu:1" in array
+    assert "--dependency=afterany:4242" in merge and merge.endswith("--merge")

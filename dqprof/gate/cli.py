@@ -1,5 +1,5 @@
 """The ``regress`` and ``merge`` commands; dqprof/cli.py registers them, the work lives in
-dqprof.regress and dqprof.merge.
+dqprof.gate.compare and dqprof.gate.merge.
 
 Both catch DqprofError themselves so that the documented exit codes (0 pass, 1 regression,
 2 unusable input) hold however the app is invoked, not only through ``cli.main``.
@@ -19,7 +19,7 @@ from rich.table import Table
 from dqprof.errors import DqprofError
 
 if TYPE_CHECKING:
-    from dqprof.regress import Report
+    from dqprof.gate.compare import Report
 
 console = Console()
 err_console = Console(stderr=True)
@@ -39,8 +39,8 @@ def _guard(fn: Callable[[], T]) -> T:
 
 
 def _table(report: Report, show_all: bool) -> Table:
-    from dqprof.regress import UNCHANGED
-    from dqprof.regress_output import describe, fmt_change
+    from dqprof.gate.compare import UNCHANGED
+    from dqprof.gate.outputs import describe, fmt_change
 
     style = {"regression": "bold red", "failed": "red", "improvement": "green",
              "missing": "yellow", "new": "yellow", "unchanged": "dim"}
@@ -60,8 +60,8 @@ def _table(report: Report, show_all: bool) -> Table:
 
 def _annotate(report: Report) -> None:
     """GitHub workflow commands: regressions and warnings show on the run's summary page."""
-    from dqprof.regress import FAILED, REGRESSION
-    from dqprof.regress_output import describe, fmt_change
+    from dqprof.gate.compare import FAILED, REGRESSION
+    from dqprof.gate.outputs import describe, fmt_change
 
     def esc(text: str) -> str:  # the workflow-command escaping of a message
         return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
@@ -95,12 +95,25 @@ def regress(
     update_baseline: Annotated[bool, typer.Option(help="Write the current run's ok records "
                                                   "to --baseline (and its run.json beside "
                                                   "it) instead of comparing.")] = False,
+    per_board: Annotated[bool, typer.Option(help="With --update-baseline: --baseline is a "
+                                            "folder of one <board UUID>.jsonl per board; "
+                                            "regress picks the current board's file.")] = False,
 ) -> None:
     """Gate a run against a baseline: exit 0 pass, 1 regression, 2 unusable input."""
-    from dqprof import regress as rg
-    from dqprof.regress_output import to_junit, to_markdown
+    from dqprof.gate import compare as rg
+    from dqprof.gate.outputs import to_junit, to_markdown
     from dqprof.results import write_atomic
 
+    if per_board and not update_baseline:
+        _fail("--per-board goes with --update-baseline (regress reads a per-board folder as "
+              "it is)")
+    if update_baseline and per_board:
+        from dqprof.gate.boards import write_board_baselines
+
+        for uuid, n in _guard(lambda: write_board_baselines(current, baseline)):
+            console.print(f"{baseline}/{uuid}.jsonl: baseline written from {current} ({n} ok "
+                          f"records)", highlight=False)
+        return
     if update_baseline:
         n = _guard(lambda: rg.write_baseline(current, baseline))
         console.print(f"{baseline}: baseline written from {current} ({n} ok records; "
@@ -140,7 +153,7 @@ def merge(
                                         "configs anyway.")] = False,
 ) -> None:
     """Join run folders (shards of one sweep) into one; refuses mismatched runs (exit 2)."""
-    from dqprof.merge import merge_runs
+    from dqprof.gate.merge import merge_runs
 
     result = _guard(lambda: merge_runs(runs, out, force))
     for w in result.warnings:

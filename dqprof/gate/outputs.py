@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from xml.etree import ElementTree as ET
 
-from dqprof.regress import (
+from dqprof.gate.compare import (
     FAILED,
     IMPROVEMENT,
     MISSING,
@@ -36,8 +36,11 @@ def fmt_change(c: Change | None) -> str:
 def describe(c: Change | None) -> str:
     if c is None:
         return ""
+    if c.basis == "per bf16":  # energy across boards: a ratio, not joules
+        return f"{c.base:.3f} → {c.cur:.3f} × bf16"
     fmt = fmt_seconds if c.metric == "time" else fmt_joules
-    return f"{fmt(c.base)} → {fmt(c.cur)}"
+    return f"{fmt(c.base)} → {fmt(c.cur)}" + (" (baseline × board)" if c.basis ==
+                                              "board factor" else "")
 
 
 def _md_rows(points: list[Point]) -> list[str]:

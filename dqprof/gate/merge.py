@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from dqprof.errors import DqprofError
-from dqprof.regress import read_json
+from dqprof.gate.compare import read_json
 from dqprof.results import (
     KERNELS_FILE,
     RUN_FILE,
+    board_identity,
     kernels_path,
     load_records,
     write_atomic,
@@ -161,8 +162,19 @@ def _merged_run_json(sources: list[Source], n_records: int) -> dict[str, Any]:
         {"path": str(s.path), "shard": s.shard, "records": len(s.records), "gpu": s.gpu,
          "host": (s.run.get("environment") or {}).get("host"),
          "commit": ((s.run.get("environment") or {}).get("git") or {}).get("commit"),
-         "created": s.run.get("created"), "idle_power_w": s.run.get("idle_power_w")}
+         "created": s.run.get("created"), "idle_power_w": s.run.get("idle_power_w"),
+         "board": board_identity(s.run.get("environment") or {}),
+         "ceilings": s.run.get("ceilings")}
         for s in sources]
+    boards: dict[str, dict[str, Any]] = {}
+    for src in info["merged_from"]:  # each board once: shards on several GPUs keep their own
+        uuid = (src["board"] or {}).get("uuid")
+        if uuid:
+            entry = boards.setdefault(uuid, {**src["board"], "idle_power_w": src["idle_power_w"],
+                                             "ceilings": src["ceilings"], "shards": []})
+            entry["shards"].append(src["shard"])
+    if boards:
+        info["boards"] = list(boards.values())
     info["sessions"] = [{**sess, "source": str(s.path)} for s in sources
                         for sess in s.run.get("sessions") or []]
     info["records"] = n_records

@@ -19,18 +19,24 @@ sits about 7 standard errors out. That leaves room for run-to-run drift (clock a
 state, allocation) that the within-run IQR cannot see, so a rerun of the same commit does not
 flag, while quiet points (spread below ~1.7 % a side) are gated by the threshold alone.
 Improvements are the mirror image. Everything here is pure: it reads results, never a GPU.
+
+Energy across boards: boards of one GPU model differ in power, so where the two sides were
+measured on different boards (or either side's board is not recorded) energy is gated on a
+figure normalized within each run, and the absolute change is shown beside it, not gated
+(``dqprof.gate.boards``). Time keeps the rules above.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dqprof.errors import DqprofError
-from dqprof.results import KERNELS_FILE, RUN_FILE, dig, load_records, write_atomic
+from dqprof.results import KERNELS_FILE, RUN_FILE, dig, load_records, record_board, write_atomic
 
 NOISE_K = 2.0
 # measure.energy.CHUNK_S (not imported: that module pulls in torch). The energy window counts
@@ -89,6 +95,11 @@ class Side:
     records: dict[str, dict[str, Any]]
     run: dict[str, Any]  # {} where no run.json was found
     run_path: Path
+    boards: dict[str, str | None] = field(default_factory=dict)  # key -> board UUID or None
+    notes: list[str] = field(default_factory=list)  # how a baseline folder was read
+
+    def board(self, key: str) -> str | None:
+        return self.boards.get(key)
 
 
 def run_json_for(path: Path) -> Path:
@@ -128,7 +139,9 @@ def load_side(path: Path) -> Side:
             raise DqprofError(f"{file}: ok record '{rec['key']}' has no time.median_s")
         by_key[rec["key"]] = rec
     run_path = run_json_for(path)
-    return Side(path, by_key, read_json(run_path), run_path)
+    run = read_json(run_path)
+    boards = {k: record_board(r, run) for k, r in by_key.items()}
+    return Side(path, by_key, run, run_path, boards)
 
 
 
@@ -148,6 +161,8 @@ class Change:
     cur: float
     band: float  # relative noise band
     limit: float  # the threshold for this metric
+    basis: str = "absolute"  # energy across boards: "per bf16" or "board factor" (boards.py)
+    gates: bool = True  # False: shown beside the gated figure, no verdict of its own
 
     @property
     def rel(self) -> float:
@@ -155,6 +170,8 @@ class Change:
 
     @property
     def verdict(self) -> str:
+        if not self.gates:
+            return UNCHANGED
         beyond = abs(self.rel) > self.limit
         if beyond and abs(self.rel) > self.band:
             return REGRESSION if self.rel > 0 else IMPROVEMENT
@@ -169,12 +186,12 @@ class Point:
     note: str = ""
 
     def change(self, metric: str) -> Change | None:
-        return next((c for c in self.changes if c.metric == metric), None)
+        return next((c for c in self.changes if c.metric == metric and c.gates), None)
 
     @property
     def worst(self) -> float:
         """Sort key: the largest relative change, failures first."""
-        return max((c.rel for c in self.changes), default=math.inf)
+        return max((c.rel for c in self.changes if c.gates), default=math.inf)
 
 
 def time_noise(rec: dict[str, Any]) -> float:
@@ -238,8 +255,12 @@ def time_change(base: dict[str, Any], cur: dict[str, Any], gate: Gate) -> tuple[
                   gate.max_slowdown), ""
 
 
-def compare_point(key: str, base: dict[str, Any], cur: dict[str, Any], gate: Gate) -> Point:
-    """Both sides ok: time always, energy where both sides measured a trustworthy figure."""
+def compare_point(key: str, base: dict[str, Any], cur: dict[str, Any], gate: Gate,
+                  across: Callable[[], tuple[Change | None, str]] | None = None) -> Point:
+    """Both sides ok: time always, energy where both sides measured a trustworthy figure.
+
+    ``across``: the two sides' boards differ (or are unknown): it gives the normalized energy
+    change that gates instead of the absolute one (or None and why not)."""
     k = gate.noise_k
     time, how = time_change(base, cur, gate)
     changes = [time]
@@ -247,9 +268,13 @@ def compare_point(key: str, base: dict[str, Any], cur: dict[str, Any], gate: Gat
     eb, ec = dig(base, "energy", "j_per_call"), dig(cur, "energy", "j_per_call")
     flags = [f for f in (dig(base, "energy", "flag"), dig(cur, "energy", "flag")) if f]
     if _positive(eb) and _positive(ec) and not flags:
-        changes.append(Change("energy", eb, ec, k * math.hypot(energy_noise(base),
-                                                               energy_noise(cur)),
-                              gate.max_energy_increase))
+        absolute = Change("energy", eb, ec, k * math.hypot(energy_noise(base), energy_noise(cur)),
+                          gate.max_energy_increase, gates=across is None)
+        if across is not None:
+            normalized, why = across()
+            changes += [normalized] if normalized else []
+            notes += [why] if why else []
+        changes.append(absolute)
     elif flags:
         notes.append(f"energy not compared: {'; '.join(flags)}")
     elif _positive(eb) != _positive(ec):
@@ -285,12 +310,13 @@ def median_sm_clock(side: Side) -> float | None:
 
 
 def classify(key: str, base: dict[str, Any] | None, cur: dict[str, Any] | None,
-             gate: Gate) -> Point | None:
+             gate: Gate, across: Callable[[], tuple[Change | None, str]] | None = None
+             ) -> Point | None:
     """One key on both sides; None where neither side has a result worth reporting."""
     b_ok = base is not None and base["status"] == "ok"
     c_status = cur["status"] if cur is not None else None
     if b_ok and c_status == "ok":
-        return compare_point(key, base, cur, gate)  # type: ignore[arg-type]
+        return compare_point(key, base, cur, gate, across)  # type: ignore[arg-type]
     if b_ok and c_status == "failed":
         return Point(key, REGRESSION, note=f"failed now: {cur.get('reason')}")  # type: ignore[union-attr]
     if b_ok:
@@ -364,12 +390,17 @@ class Report:
 
 
 def compare(baseline: Side, current: Side, gate: Gate = Gate()) -> Report:
+    from dqprof.gate.boards import CrossBoard
+
+    cross = CrossBoard(baseline, current, gate)
     keys = list(baseline.records) + [k for k in current.records if k not in baseline.records]
     points = [p for k in keys
-              if (p := classify(k, baseline.records.get(k), current.records.get(k), gate))]
+              if (p := classify(k, baseline.records.get(k), current.records.get(k), gate,
+                                cross.normalizer(k)))]
     order = {REGRESSION: 0, FAILED: 1, MISSING: 2, NEW: 3, IMPROVEMENT: 4, UNCHANGED: 5}
     points.sort(key=lambda p: (order[p.status], -p.worst if p.status == REGRESSION else 0))
-    report = Report(baseline, current, gate, points, environment_warnings(baseline, current))
+    warnings = baseline.notes + environment_warnings(baseline, current) + cross.warnings()
+    report = Report(baseline, current, gate, points, warnings)
     if report.compared == 0:
         raise DqprofError(f"no common points: {baseline.path} and {current.path} share no key "
                           f"measured ok on both sides (different suite or model?)")
@@ -377,7 +408,10 @@ def compare(baseline: Side, current: Side, gate: Gate = Gate()) -> Report:
 
 
 def run_regress(baseline: Path, current: Path, gate: Gate = Gate()) -> Report:
-    return compare(load_side(baseline), load_side(current), gate)
+    from dqprof.gate.boards import load_baseline
+
+    cur = load_side(current)
+    return compare(load_baseline(baseline, cur), cur, gate)
 
 
 def write_baseline(current: Path, dest: Path) -> int:

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The gate across boards and `bench --gpus` on the one-GPU H200 (issue 13, items 2-3):
+#  1. ci-smoke plain (smoke-a), then at once ci-smoke through `--gpus 0` (smoke-b);
+#  2. smoke-b gated against smoke-a (same board: absolute energy; must pass);
+#  3. the --gpus 0 records against the plain ones (same keys, statuses, board);
+#  4. the committed baseline (board unknown) against smoke-a (normalized energy; must pass);
+#  5. the slowed Triton kernel of scripts/gpu_gate_demo.sh, with bf16 beside it so its energy is
+#     calibrated, against smoke-a and against the committed baseline (must fail, six points).
+# Run folders go to $GATE (default /tmp/gate-boards), then one archive $OUT/gate-boards.tar.gz.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+SUITE=bench/ci-smoke.toml
+G=${GATE:-/tmp/gate-boards}
+mkdir -p "$G"
+nvidia-smi --query-gpu=index,uuid,name,power.draw --format=csv | tee "$G/gpus.csv"
+start=$(date +%s)
+python3 -m dqprof bench --suite $SUITE -o "$G/smoke-a" 2> "$G/smoke-a.err" | tail -1
+echo "ci-smoke plain: $(( $(date +%s) - start )) s wall"
+start=$(date +%s)
+python3 -m dqprof bench --suite $SUITE --gpus 0 -o "$G/smoke-b" 2> "$G/smoke-b.err" | tail -1
+echo "ci-smoke --gpus 0: $(( $(date +%s) - start )) s wall (exit ${PIPESTATUS[0]})"
+python3 -m dqprof regress --baseline "$G/smoke-a" --current "$G/smoke-b" \
+  --summary "$G/rerun-summary.md" --junit "$G/rerun-junit.xml" 2>&1 | tail -4
+echo "rerun gate exit ${PIPESTATUS[0]}"
+python3 - "$G/smoke-a" "$G/smoke-b" <<'PY'
+import sys
+from dqprof.results import load_records
+a, b = (load_records(p) for p in sys.argv[1:3])
+ident = lambda rs: [(r["key"], r["status"], (r.get("board") or {}).get("uuid")) for r in rs]
+print("plain vs --gpus 0: same keys, statuses and boards:", ident(a) == ident(b),
+      f"({len(a)} vs {len(b)} records; board {ident(a)[0][2]})")
+PY
+python3 -m dqprof regress --baseline bench/baselines/h200.jsonl --current "$G/smoke-a" \
+  --summary "$G/committed-summary.md" --junit "$G/committed-junit.xml" 2>&1 | tail -6
+echo "committed baseline vs this board: exit ${PIPESTATUS[0]}"
+k=dqprof/kernels/triton_nf4.py
+cp $k /tmp/triton_nf4.py.orig
+sed -i -e 's/bm, bk, stages = 16, 128, 4/bm, bk, stages = 16, 32, 1/' \
+       -e 's/bn = 128 if m > 8 or _cdiv(n, 128) >= target else 64/bn = 16/' $k
+python3 -m dqprof bench --suite $SUITE --backends bf16,triton-nf4 -o "$G/smoke-slow" \
+  2> "$G/smoke-slow.err" | tail -1
+cp /tmp/triton_nf4.py.orig $k
+git diff --stat -- $k
+python3 -m dqprof regress --baseline "$G/smoke-a" --current "$G/smoke-slow" \
+  --summary "$G/slow-summary.md" --junit "$G/slow-junit.xml" 2>&1 | tail -3
+echo "slow gate (same board) exit ${PIPESTATUS[0]}"
+python3 -m dqprof regress --baseline bench/baselines/h200.jsonl --current "$G/smoke-slow" \
+  --summary "$G/slow-committed-summary.md" 2>&1 | tail -3
+echo "slow gate (committed baseline) exit ${PIPESTATUS[0]}"
+tar -C "$G" -czf "$OUT/gate-boards.tar.gz" .
