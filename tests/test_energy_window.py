@@ -142,6 +142,12 @@ def test_reported_precision_covers_the_error_over_many_windows() -> None:
     assert within >= 0.6 * n and within2 >= 0.9 * n
 
 
+def test_a_maximum_below_five_updates_stops_there_and_is_flagged() -> None:
+    stats, _, _, _ = window(noise=0.005, rule=StopRule(max_s=0.25))
+    assert stats.stop == "max" and stats.ticks < 5
+    assert stats.flag == f"few counter ticks ({stats.ticks})"
+
+
 def test_feeder_queues_one_batch_then_syncs_and_polls_nothing_on_the_device() -> None:
     stats, tr, gpu, ctr = window(noise=0.005)
     replays = stats.batch_replays
@@ -309,3 +315,29 @@ def test_weights_are_the_seeded_ones_made_once_per_shape() -> None:
         wb = weights.get(b)
         weights.prefetch(None, keep=b)  # a is dropped, b is kept
         assert weights.get(b) is wb and weights.get(a) is not wa
+
+
+# -- timing measures nothing twice -----------------------------------------------------------
+
+class _CountingReplay:
+    calls, device = 1, "cpu"
+
+    def __init__(self) -> None:
+        self.passes = 0
+
+    def __call__(self) -> None:
+        self.passes += 1
+
+    def sync(self) -> None:
+        pass
+
+
+def test_timing_sizes_samples_from_the_pass_already_timed() -> None:
+    from dqprof.measure.timing import time_replay
+
+    given = _CountingReplay()
+    t = time_replay(given, repeats=3, warmup=0, pass_s=1e-3)
+    assert given.passes == 3 * 2 and t.calls_per_sample == 2  # 2 ms samples of 1 ms passes
+    fresh = _CountingReplay()
+    time_replay(fresh, repeats=3)
+    assert fresh.passes > 3 * 2  # warm-ups and a sizing pass of its own

@@ -195,8 +195,16 @@ def run_window(device: Device, read_mj: Callable[[], int], clock: Callable[[], f
         span = ref.device_s or expect_batch_s
         return [*done, Batch(cur.start, cur.calls, cur.start + ref.slack + span, span)]
 
+    def settle(batch: Batch, begin: Any, end: Any) -> None:
+        """Read a synced batch's device span and the device idle before it."""
+        batch.device_s = device.elapsed_s(begin, end)
+        if marks:
+            batch.gap_before_s = max(0.0, device.elapsed_s(marks[-1][1], begin))
+        marks.append((begin, end))
+
     calls = replays_per_batch * calls_per_replay
     give_up = clock() + rule.max_s + 2 * NO_TICK_S  # a window that never opened or closed
+    pending: tuple[Batch, Any, Any] | None = None  # synced, its spans not read yet
     while tr.stop is None:
         start = clock()
         batch = Batch(start, calls)
@@ -204,6 +212,10 @@ def run_window(device: Device, read_mj: Callable[[], int], clock: Callable[[], f
         begin = device.mark()
         for queued in range(0, replays_per_batch, device.launch_group):
             device.launch(min(device.launch_group, replays_per_batch - queued))
+            if pending:  # the GPU has work again: now the bookkeeping of the last batch
+                settle(*pending)
+                expect_batch_s = pending[0].device_s or expect_batch_s
+                pending = None
             poll()
         end = device.mark()
         deadline = start + SYNC_AHEAD * expect_batch_s
@@ -212,13 +224,10 @@ def run_window(device: Device, read_mj: Callable[[], int], clock: Callable[[], f
             poll()
         device.sync()
         batch.end = clock()
-        batch.device_s = device.elapsed_s(begin, end)
-        if marks:
-            batch.gap_before_s = max(0.0, device.elapsed_s(marks[-1][1], begin))
-        marks.append((begin, end))
-        expect_batch_s = batch.device_s
-        poll()  # right after the sync: keeps the bracket of a tick met while blocked short
-        if candidate is not None:  # confirm on exact batch spans, or go on
+        if candidate is None:
+            pending = (batch, begin, end)
+        else:  # confirm on exact batch spans before queuing more, or go on
+            settle(batch, begin, end)
             for i in range(candidate, len(tr.ticks)):
                 if stop := _decide(tr, tr.batches, i, rule):
                     tr.stop, tr.last = stop, i
@@ -228,6 +237,8 @@ def run_window(device: Device, read_mj: Callable[[], int], clock: Callable[[], f
             tr.stop = "counter stopped"
         elif tr.stop is None and clock() > give_up:
             tr.stop = "no window"
+    if pending:
+        settle(*pending)
     if tr.first is not None and tr.last is not None:
         tr.result = estimate(tr.ticks, tr.batches, tr.first, tr.last)
     return tr
