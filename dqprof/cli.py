@@ -93,12 +93,20 @@ def bench(
                                                  "Default: all (see `dqprof backends`).")] = None,
     device: Annotated[str, typer.Option(help="cuda, or cpu for a timing-only run of the "
                                            "CPU-capable backends.")] = "cuda",
-    quick: Annotated[bool, typer.Option(help="M = 1,16,256,2048, 5 repeats, 0.5 s energy "
-                                        "windows.")] = False,
+    quick: Annotated[bool, typer.Option(help="M = 1,16,256,2048, 5 repeats, energy "
+                                        "windows of at most 0.5 s.")] = False,
     hot: Annotated[bool, typer.Option(help="One weight copy (L2-resident) instead of rotating "
                                       "copies past L2.")] = False,
     repeats: Annotated[int | None, typer.Option(help="Timing samples per point.")] = None,
-    window: Annotated[float | None, typer.Option(help="Energy window per point, seconds.")] = None,
+    window: Annotated[float | None, typer.Option(
+        help="Longest energy window per point, seconds (default 1; --quick 0.5). A window "
+             "closes sooner once its energy per call is known to --energy-precision.")] = None,
+    window_min: Annotated[float | None, typer.Option(
+        help="Shortest energy window, seconds (default 0.4); a window also spans at least 5 "
+             "counter updates.")] = None,
+    energy_precision: Annotated[str | None, typer.Option(
+        help="Relative precision (one standard deviation) at which a window stops, e.g. "
+             "0.5% (the default) or 0.005.")] = None,
     l2_factor: Annotated[float, typer.Option(help="Rotated weight copies span this many "
                                              "times the L2 size.")] = 3.0,
     no_energy: Annotated[bool, typer.Option("--no-energy", help="Skip NVML energy.")] = False,
@@ -148,8 +156,15 @@ def bench(
     # explicit flags win over the suite and --quick
     if m is not None:
         cfg.m = _ints(m)
+    if energy_precision is not None:
+        from dqprof.regress import parse_fraction
+
+        try:
+            cfg.energy_precision = parse_fraction(energy_precision)
+        except DqprofError as e:
+            raise DqprofError(f"--energy-precision: {e}") from None
     for name, value in (("model", model), ("shapes", shapes), ("backends", backends),
-                        ("repeats", repeats), ("window_s", window),
+                        ("repeats", repeats), ("window_s", window), ("window_min_s", window_min),
                         ("point_timeout_s", point_timeout)):
         if value is not None:
             setattr(cfg, name, value)

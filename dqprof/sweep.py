@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -56,8 +57,9 @@ POINT_TIMEOUT_S = {"cuda": 120.0, "cpu": 600.0}
 EXIT_STUCK = 4
 REL_TOL = 2e-2  # bf16 output of a bf16-input GEMM lands near 4e-3; a wrong kernel lands near 1
 log = logging.getLogger(__name__)  # `dqprof bench --verbose`: where a slow point spends its time
-SUITE_KEYS = {"model", "shapes", "m", "backends", "repeats", "window_s", "l2_factor", "hot",
-              "energy", "attribution", "seed", "point_timeout_s", "description"}
+SUITE_KEYS = {"model", "shapes", "m", "backends", "repeats", "window_s", "window_min_s",
+              "energy_precision", "l2_factor", "hot", "energy", "attribution", "seed",
+              "point_timeout_s", "description"}
 
 
 @dataclass
@@ -69,7 +71,11 @@ class SweepConfig:
     device: str = "cuda"
     hot: bool = False  # one weight copy: the L2-resident case
     repeats: int = 15
+    # the energy window stops once J/call is known to energy_precision (relative, one standard
+    # deviation), no sooner than window_min_s and 5 counter updates, no later than window_s
     window_s: float = 1.0
+    window_min_s: float = 0.4
+    energy_precision: float = 0.005
     l2_factor: float = 3.0  # rotated copies hold this many times the L2 size
     energy: bool = True
     attribution: bool = True
@@ -134,6 +140,7 @@ def plan(cfg: SweepConfig) -> tuple[str, list[Group]]:
         raise DqprofError("M values must be positive")
     if cfg.point_timeout_s is not None and not cfg.point_timeout_s > 0:
         raise DqprofError(f"--point-timeout must be positive seconds (got {cfg.point_timeout_s})")
+    _check_window(cfg)
     groups = []
     for shape in shapes:
         for backend in backends:
@@ -144,6 +151,17 @@ def plan(cfg: SweepConfig) -> tuple[str, list[Group]]:
             groups.append(g)
     i, n = cfg.shard
     return model_cfg.name, groups[i - 1::n]
+
+
+def _check_window(cfg: SweepConfig) -> None:
+    if not cfg.window_s > 0:
+        raise DqprofError(f"--window (the longest energy window) must be positive seconds "
+                          f"(got {cfg.window_s})")
+    if not cfg.window_min_s >= 0:  # above --window it is moot: the longest window wins
+        raise DqprofError(f"--window-min must be seconds >= 0 (got {cfg.window_min_s})")
+    if not 0 < cfg.energy_precision < 1:
+        raise DqprofError(f"--energy-precision must be a fraction between 0 and 1, e.g. 0.5% "
+                          f"(got {cfg.energy_precision})")
 
 
 def rel_error(out: Any, expected: Any) -> float:
@@ -251,16 +269,19 @@ class Sweep:
         ceilings = info.get("ceilings") or {}
         total = sum(len(g.keys) for g in self.groups)
         counts = {"ok": 0, "skipped": 0, "failed": 0, "resumed": 0}
-        finished = 0
         t_start = time.perf_counter()
-        with RecordWriter(self.run_dir) as writer:
+        work = [(g, [(m, key) for m, key in zip(g.ms, g.keys, strict=True) if key not in done])
+                for g in self.groups]
+        counts["resumed"] = finished = sum(len(g.ms) - len(todo) for g, todo in work)
+        work = [(g, todo) for g, todo in work if todo]
+        with RecordWriter(self.run_dir) as writer, _Weights(self.cfg.seed) as self._weights:
             self._writer = writer
-            for g in self.groups:
-                todo = [(m, key) for m, key in zip(g.ms, g.keys, strict=True) if key not in done]
-                counts["resumed"] += len(g.ms) - len(todo)
-                finished += len(g.ms) - len(todo)
-                if not todo:
-                    continue
+            later = [g for g, _ in work if not self._skip_reason(g)]
+            for g, todo in work:
+                # the next shape's weight is made on the CPU while this group is measured
+                if not self._skip_reason(g):
+                    later.pop(0)
+                    self._weights.prefetch(later[0].shape if later else None, keep=g.shape)
                 for rec in self._run_group(g, todo, ceilings):
                     writer.write(rec)
                     counts[rec["status"]] += 1
@@ -283,17 +304,14 @@ class Sweep:
     def _run_group(self, g: Group, todo: list[tuple[int, str]], ceilings: dict[str, float]):
         import torch
 
-        reason = g.backend.unavailable(self.cfg.device) or g.backend.supports(g.shape)
-        if reason:
+        if reason := self._skip_reason(g):
             for m, key in todo:
                 yield {**self._base(g, m, key), "status": "skipped", "reason": reason}
             return
         dev = self.cfg.device
         log.debug("%s %s: quantizing", g.shape.name, g.backend.name)
         try:
-            gen = torch.Generator(device="cpu").manual_seed(self.cfg.seed)
-            weight = torch.randn(g.shape.n, g.shape.k, generator=gen) * 0.02
-            weight = weight.to(dev, torch.bfloat16)
+            weight = self._weights.get(g.shape).to(dev, torch.bfloat16)
             states = [g.backend.prepare(weight, g.shape)]
             del weight
             copies = self._copies(g)
@@ -314,6 +332,9 @@ class Sweep:
             yield rec
         del states
         self._free()
+
+    def _skip_reason(self, g: Group) -> str | None:
+        return g.backend.unavailable(self.cfg.device) or g.backend.supports(g.shape)
 
     @contextlib.contextmanager
     def _watchdog(self, base: dict[str, Any]):
@@ -384,19 +405,22 @@ class Sweep:
                    f"eager launches ({replay.graph_error or 'no graph'})")
             return {"status": "failed", "reason": f"one pass over the {replay.calls} rotated "
                     f"calls took {one:.2f} s (limit {limit} s), {how}: not timed"}
-        # timing right before the energy window: its busy GPU is most of the window's ramp
-        t = time_replay(replay, self.cfg.repeats)
+        # timing right before the energy window: its busy GPU is the window's warm-up; the
+        # two passes just timed warmed the graph and size the samples (nothing measured twice)
+        t = time_replay(replay, self.cfg.repeats, warmup=0, pass_s=one)
         clock.lap("timing")
         energy, state = None, None
         if self.nvml is not None:
-            if self.cfg.energy and self.nvml.energy_supported and not backend.energy_unsafe:
+            if self.cfg.energy and self.nvml.energy_supported:
                 from dqprof.measure.energy import measure_energy
 
-                # chunks are sized by the slower of the event-timed call and the host's
-                # view of a pass: event times that miss work must not queue hours of it
-                energy = measure_energy(replay, self.nvml, max(t.median_s, one / replay.calls),
-                                        self.cfg.window_s, self.idle_power_w,
-                                        self.power_limit_w).as_dict()
+                # batches are sized by the slower of the event-timed call and the host's view
+                # of a pass: event times that miss work must not queue hours of it
+                energy = measure_energy(
+                    replay, self.nvml, max(t.median_s, one / replay.calls), self.cfg.window_s,
+                    self.idle_power_w, self.power_limit_w, device_call_s=t.median_s,
+                    window_min_s=self.cfg.window_min_s,
+                    precision=self.cfg.energy_precision).as_dict()
             state = self.nvml.state()  # right after the busy window: throttling shows here
         clock.lap("energy")
         traffic = backend.traffic(shape, m, kernels)
@@ -413,9 +437,10 @@ class Sweep:
                        "rotation_bytes": len(states) * backend.resident_bytes(shape),
                        "l2_bytes": self.l2_bytes if dev == "cuda" else None,
                        "hot": self.cfg.hot, "repeats": self.cfg.repeats,
-                       "energy_skipped": None if energy or not self.cfg.energy
-                       else backend.energy_unsafe,
-                       "window_s": self.cfg.window_s if energy else None},
+                       # the longest window, the shortest, the precision it stops at
+                       "window_s": self.cfg.window_s if energy else None,
+                       "window_min_s": self.cfg.window_min_s if energy else None,
+                       "energy_precision": self.cfg.energy_precision if energy else None},
             "time": t.as_dict(), "energy": energy, "kernels": kernels,
             "traffic": traffic.as_dict(), "flops": flops,
             "intensity": flops / traffic.total if traffic.total else None,
@@ -427,6 +452,52 @@ class Sweep:
             "gpu_state": state,
             "wall_s": clock.laps,
         }
+
+
+class _Weights:
+    """Each shape's random weight (fp32, CPU), made once per shape and seed.
+
+    Groups run shape by shape, so most groups reuse the weight of the one before; the next
+    shape's weight is made in a thread while the current group is measured. The thread only
+    runs torch.randn on the CPU (the GPU copy is made on the main thread), so it cannot put
+    work on the GPU inside an energy window.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dqprof-weights")
+        self._made: dict[tuple[int, int], Future] = {}
+
+    def _make(self, n: int, k: int) -> Any:
+        import torch
+
+        gen = torch.Generator(device="cpu").manual_seed(self.seed)
+        return torch.randn(n, k, generator=gen) * 0.02
+
+    def _submit(self, shape: LinearShape) -> Future:
+        key = (shape.n, shape.k)
+        if key not in self._made:
+            self._made[key] = self._pool.submit(self._make, *key)
+        return self._made[key]
+
+    def prefetch(self, shape: LinearShape | None, keep: LinearShape) -> None:
+        """Hold ``keep``'s weight (first in line) and start ``shape``'s; drop the rest."""
+        wanted = {(s.n, s.k) for s in (shape, keep) if s is not None}
+        for key in set(self._made) - wanted:
+            del self._made[key]
+        self._submit(keep)
+        if shape is not None:
+            self._submit(shape)
+
+    def get(self, shape: LinearShape) -> Any:
+        return self._submit(shape).result()
+
+    def __enter__(self) -> _Weights:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._made.clear()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class _PhaseClock:

@@ -98,15 +98,17 @@ def test_short_sweep_records_everything(tmp_path) -> None:
     assert run["ceilings"]["copy_bytes_per_s"] > 0 and run["ceilings"]["bf16_flop_per_s"] > 0
 
 
-def test_machete_is_timed_not_metered(tmp_path) -> None:
-    """Machete stalls the GPU under the energy window's queue (profiles/h200/machete/): the
-    sweep times it in a CUDA graph and records why it has no energy, without hanging."""
+def test_machete_is_timed_and_metered(tmp_path) -> None:
+    """Machete stalled the GPU under the old chunked energy feeder (profiles/h200/machete/);
+    under the batch-sync feeder it is metered like every path, without hanging."""
     b = create("machete-gptq")
     if why := b.unavailable("cuda"):
         pytest.skip(why)
-    cfg = SweepConfig(shapes="mlp.down_proj", m=(1, 16), repeats=3, window_s=0.3,
+    cfg = SweepConfig(shapes="mlp.down_proj", m=(1, 16), repeats=3, window_s=0.5,
                       backends="machete-gptq", point_timeout_s=60)
     assert Sweep(cfg, tmp_path).run()["ok"] == 2
     for r in (json.loads(line) for line in (tmp_path / "kernels.jsonl").read_text().splitlines()):
         assert r["method"]["timing"] == "cuda-graph" and r["time"]["median_s"] > 0
-        assert r["energy"] is None and r["method"]["energy_skipped"].startswith("not metered")
+        e = r["energy"]
+        assert e["feed"] == "batch-sync" and e["j_per_call"] > 0 and e["flag"] is None, e
+        assert e["gpu_idle_frac"] < 0.02, e

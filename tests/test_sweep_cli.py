@@ -204,38 +204,6 @@ def test_a_point_too_slow_to_time_fails_with_its_cost(tmp_path, test_backends) -
     assert "rotated calls took" in recs[4]["reason"] and "time" not in recs[4]
 
 
-class _Unmetered(Bf16):
-    name = "test-unmetered"
-    energy_unsafe = "not metered: stalls under a deep queue"
-
-
-class _CountingNvml:
-    energy_supported = True
-    reads = 0
-
-    def energy_mj(self) -> int:
-        self.reads += 1
-        raise AssertionError("the energy window must not run")
-
-    def state(self) -> dict:
-        return {"sm_clock_mhz": 1}
-
-
-def test_an_energy_unsafe_path_is_timed_not_metered(tmp_path) -> None:
-    register(_Unmetered)
-    try:
-        cfg = SweepConfig(model=TINY, shapes="down_proj", m=(1,), device="cpu", repeats=2,
-                          l2_factor=0.02, backends="test-unmetered")
-        sweep = Sweep(cfg, tmp_path)
-        sweep.nvml = nvml = _CountingNvml()
-        assert sweep.run()["ok"] == 1
-    finally:
-        _REGISTRY.pop("test-unmetered")
-    (rec,) = load_records(tmp_path)
-    assert rec["time"]["median_s"] > 0 and rec["energy"] is None and nvml.reads == 0
-    assert rec["method"]["energy_skipped"] == "not metered: stalls under a deep queue"
-
-
 def test_raising_and_wrong_backends_fail_and_the_sweep_goes_on(tmp_path, test_backends) -> None:
     cfg = SweepConfig(model=TINY, shapes="down_proj", m=(1, 4), device="cpu", repeats=2,
                       l2_factor=0.02, backends="test-boom,test-wrong,bf16")

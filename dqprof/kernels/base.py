@@ -24,9 +24,6 @@ class Backend(ABC):
     quantized: bool = True  # False: the bf16 reference path, also runs unquantized layers
     m_independent: bool = False  # True: the work does not depend on M (measured once, m=0)
     options: dict[str, Any] = {}  # default options; a spec "name[key=value]" overrides them
-    # why the sweep must not hold this path in an energy window (it is timed, not metered), or
-    # None; the record keeps the reason (method.energy_skipped)
-    energy_unsafe: str | None = None
 
     def __init__(self, **options: Any):
         unknown = set(options) - set(self.options)

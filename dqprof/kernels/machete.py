@@ -25,12 +25,9 @@ from dqprof.models.shapes import LinearShape
 
 BLOCK_K, BLOCK_N = 64, 128  # vLLM's MACHETE_PREPACKED_BLOCK_SHAPE
 CAPABILITY = (9, 0)
-# seen on the H200 (profiles/h200/machete/, scripts/machete_stall.py): inside the energy
-# window's feed (8 chunks of graph replays kept queued) the GPU stopped taking work every time;
-# timing's queue and plain replay loops never stalled; with 1-2 chunks queued the window
-# completed with the GPU idle 8-35 % of it. Cause unknown
-ENERGY_UNSAFE = ("not metered: Machete stalls the GPU inside the sweep's energy window "
-                 "(profiles/h200/machete/)")
+# The sweep's old energy feeder (8 chunks of replays kept queued, an event polled per chunk)
+# stalled the GPU with Machete every time (profiles/h200/machete/); the batch-sync feeder
+# (dqprof/measure/energy.py) is what a harness ran Machete's windows through without a stall
 
 
 @dataclass
@@ -44,7 +41,6 @@ class MacheteState:
 class _Machete(Backend):
     requires = ("vllm",)
     zero_points = False
-    energy_unsafe = ENERGY_UNSAFE
 
     def unavailable(self, device: str) -> str | None:
         if reason := super().unavailable(device):

@@ -94,16 +94,22 @@ def replay_seconds(replay: Replay) -> float:
     return time.perf_counter() - t0
 
 
-def time_replay(replay: Replay, repeats: int, warmup: int = 3) -> TimeStats:
-    """Median per-call time over ``repeats`` samples, each long enough to time reliably."""
+def time_replay(replay: Replay, repeats: int, warmup: int = 3,
+                pass_s: float | None = None) -> TimeStats:
+    """Median per-call time over ``repeats`` samples, each long enough to time reliably.
+
+    ``pass_s``: one pass's host time, already measured (``replay_seconds``, which also warmed
+    the replay): a sample is sized from it instead of timing a pass again.
+    """
     for _ in range(warmup):
         replay()
     replay.sync()
-    # size a sample: replays needed for MIN_SAMPLE_S
-    t0 = time.perf_counter()
-    replay()
-    replay.sync()
-    one = time.perf_counter() - t0
+    one = pass_s
+    if one is None:  # size a sample: replays needed for MIN_SAMPLE_S
+        t0 = time.perf_counter()
+        replay()
+        replay.sync()
+        one = time.perf_counter() - t0
     per_sample = max(1, int(MIN_SAMPLE_S / max(one, 1e-7)))
     calls = per_sample * replay.calls
     if replay.device != "cuda":
