@@ -3,7 +3,9 @@
 Counts are the minimum each path's algorithm implies (every input read once, every output
 written once), so achieved TB/s over this count is a lower bound on the real traffic rate.
 Unfused paths also pay for the bf16 weight their dequantize kernel writes and the GEMM reads
-back (``intermediate``): that term is the byte-side of the dequantization tax.
+back (``intermediate``): that term is the byte-side of the dequantization tax. The FP8 paths'
+counterpart is the activation round trip: the quantize kernel writes fp8 activations and their
+scales, and the GEMM reads them back (``intermediate`` too).
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 BF16 = 2  # bytes per bf16 element
+FP8 = 1  # bytes per float8_e4m3fn element
+FP32 = 4
 GROUP = 128  # int4 group size of the Marlin and tinygemm paths
+GEMLITE_GROUP = 64  # gemlite-int4's group (HQQ's default for 4 bits)
 NF4_BLOCK = 64  # bitsandbytes' 4-bit blocksize (its default, what vLLM uses)
 NF4_NESTED_BLOCK = 256  # blocks of absmax per nested (double-quant) statistic
 
@@ -22,7 +27,9 @@ class Traffic:
     scales: int = 0  # scales, zero points, absmax incl. nested statistics and code tables
     act_in: int = 0  # activations read (once per GEMM launch that reads them)
     act_out: int = 0  # results written, and any copy of them into a fused output
-    intermediate: int = 0  # bf16 weight written by a dequantize kernel and read back
+    # bf16 weight written by a dequantize kernel and read back, or the fp8 activations (and
+    # their scales) an activation-quantize kernel writes and the GEMM reads back
+    intermediate: int = 0
 
     @property
     def total(self) -> int:
@@ -80,13 +87,15 @@ def bnb_nf4_layer(m: int, shards: tuple[int, ...], k: int, fused: bool) -> Traff
     return total + Traffic(act_out=2 * BF16 * m * sum(shards))
 
 
-def int4_grouped(m: int, n: int, k: int, zero_points: str | None) -> Traffic:
-    """Fused int4 GEMM with group-128 bf16 scales; zero points packed int4 or bf16 per group."""
-    groups = -(-k // GROUP)
+def int4_grouped(m: int, n: int, k: int, zero_points: str | None, group: int = GROUP) -> Traffic:
+    """Fused int4 GEMM with bf16 scales per group (128 unless given); zero points packed int4 or
+    bf16 per group."""
+    groups = -(-k // group)
     scales = BF16 * groups * n
     if zero_points == "int4":  # Marlin AWQ: packed 4-bit zero points
         scales += groups * n // 2
-    elif zero_points == "bf16":  # tinygemm (interleaved), Machete AWQ (-scale * zp): bf16 zeros
+    # tinygemm (interleaved), Machete AWQ and gemlite (-scale * zp): bf16 zeros
+    elif zero_points == "bf16":
         scales += BF16 * groups * n
     return Traffic(weight=n * k // 2, scales=scales, act_in=BF16 * m * k, act_out=BF16 * m * n)
 
@@ -97,3 +106,12 @@ def nf4_fused(m: int, n: int, k: int, absmax_bytes: int = 2, table_bytes: int = 
     blocks = -(-n * k // NF4_BLOCK)
     return Traffic(weight=n * k // 2, scales=absmax_bytes * blocks + table_bytes,
                    act_in=BF16 * m * k, act_out=BF16 * m * n)
+
+
+def fp8_w8a8(m: int, n: int, k: int, per_channel: bool) -> Traffic:
+    """vLLM's W8A8 FP8 call: a per-token quantize kernel reads the bf16 activations and writes fp8
+    ones with one fp32 scale per row; the scaled GEMM reads those, the fp8 weight and its fp32
+    scale (one, or one per output channel) and writes bf16 results."""
+    act_fp8 = FP8 * m * k + FP32 * m
+    return Traffic(weight=FP8 * n * k, scales=FP32 * (n if per_channel else 1),
+                   act_in=BF16 * m * k, act_out=BF16 * m * n, intermediate=2 * act_fp8)

@@ -9,6 +9,19 @@ from dqprof.measure.categories import STEP_CATEGORIES, SWEEP_CATEGORIES, categor
     ("void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>(float*, unsigned char*)", "dequant"),
     ("void vllm::dynamic_per_token_scaled_fp8_quant_kernel<c10::BFloat16>", "quantize"),
     ("void vllm::scaled_fp8_quant_kernel<c10::BFloat16, c10::Float8_e4m3fn>", "quantize"),
+    # vLLM 0.20.2's FP8 activation quantize (per token) and per-tensor weight quantize kernels,
+    # as named in its _C.abi3.so
+    ("void vllm::dynamic_per_token_scaled_fp8_quant_kernel_strided<c10::BFloat16, "
+     "c10::Float8_e4m3fn>(c10::Float8_e4m3fn*, float*, c10::BFloat16 const*, float const*, int, "
+     "long, long)", "quantize"),
+    ("void vllm::segmented_max_reduction_strided<c10::BFloat16, c10::Float8_e4m3fn>(float*, "
+     "c10::BFloat16 const*, int, long, long)", "quantize"),
+    ("void vllm::scaled_fp8_quant_kernel_strided_dynamic<c10::BFloat16, c10::Float8_e4m3fn>",
+     "quantize"),
+    # gemlite 0.6's Triton kernels (M <= 4, M < 64, larger M)
+    ("gemv_INT_revsplitK_kernel", "gemm"),
+    ("gemm_splitK_INT_kernel", "gemm"),
+    ("gemm_INT_kernel", "gemm"),
     ("nvjet_sm90_tst_128x8_64x12_4x1_v_bz_splitK_TNT", "gemm"),
     ("void marlin::Marlin<1125899906909960l, 128, 1, 4, 8, false>(int4 const*)", "gemm"),
     ("void cutlass::device_kernel<machete::MacheteKernelTemplate<...>>", "gemm"),

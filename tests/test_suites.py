@@ -49,7 +49,9 @@ def test_ci_smoke_shapes_are_exact_names():
     wanted = cfg.shapes.split(",")
     chosen = select_shapes(linear_shapes(load_config(cfg.model)), cfg.shapes)
     assert sorted(s.name for s in chosen) == sorted(wanted)  # no substring catches extra shapes
-    portable = [b for b in DEFAULT_BACKENDS if not b.startswith("machete")]  # Hopper only
+    # machete: Hopper only; fp8: sm_89+; gemlite: autotunes on a cold runner (ci-smoke.toml)
+    left_out = {"machete-gptq", "machete-awq", "fp8", "fp8-channel", "gemlite-int4"}
+    portable = [b for b in DEFAULT_BACKENDS if b not in left_out]
     assert cfg.m == QUICK_M and cfg.backends.split(",") == portable
 
 

@@ -10,7 +10,8 @@ from dqprof.kernels.base import Backend
 _REGISTRY: dict[str, type[Backend]] = {}
 # The order users see in tables and plots: reference first, then each quantized path.
 DEFAULT_BACKENDS = ("bf16", "bnb-nf4", "bnb-dequant", "marlin-gptq", "marlin-awq",
-                    "machete-gptq", "machete-awq", "tinygemm-int4", "triton-nf4")
+                    "machete-gptq", "machete-awq", "tinygemm-int4", "triton-nf4", "gemlite-int4",
+                    "fp8", "fp8-channel")
 
 
 def register(cls: type[Backend]) -> type[Backend]:
@@ -20,7 +21,7 @@ def register(cls: type[Backend]) -> type[Backend]:
 
 def _load_all() -> None:
     # Importing a module registers its backends; none imports an optional package at import time.
-    from dqprof.kernels import bf16, bnb, machete, marlin, tinygemm, triton_nf4  # noqa: F401
+    from dqprof.kernels import bf16, bnb, fp8, gemlite, machete, marlin, tinygemm, triton_nf4  # noqa: F401
 
 
 def backend_names() -> list[str]:
