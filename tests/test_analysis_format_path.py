@@ -222,3 +222,22 @@ def test_figure_has_a_panel_per_metric_and_m():
     fig, caption = format_path_figure(a)
     assert len(fig.axes) == 4 and "M=1 and 2048" in caption
     assert format_path_figure(analyze(fx.make_run(fx.records(fx.TINY)))) is None
+
+
+def test_triton_nf4_that_never_ran_is_reported_not_split():
+    recs = fx.records(fx.TINY, backends=SPLIT)
+    for r in recs:
+        if r["backend"] == "triton-nf4" and r["status"] == "ok":
+            r.update(status="failed", reason="relative error 0.5 > 2e-2")
+    a = analyze(fx.make_run(recs))
+    f = a.format_path
+    assert f.splittable and format_or_path(a) is None  # in the run, but nothing to split
+    assert (f.tokens["time_s"]["missing"]
+            == "triton-nf4: no total in this scenario").all()
+    assert ("triton-nf4: no ok point (relative error 0.5 > 2e-2): no time split"
+            in fps.coverage_notes(f))
+    rows = fp.point_splits(a.points, "time_s")
+    assert rows["missing"].str.startswith("triton-nf4: failed (relative error").all()
+    from dqprof.analysis.figures import format_path_figure
+
+    assert format_path_figure(a) is None

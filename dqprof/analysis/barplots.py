@@ -171,7 +171,7 @@ def format_path(splits: dict[str, pd.DataFrame], ms: list[int], nf4: str = "bnb-
             at = p[(p["m"] == m)].reset_index(drop=True)
             y = np.arange(len(at))
             for j, part in enumerate(("path", "format")):
-                vals = np.nan_to_num(at[part].to_numpy(float)) * scale
+                vals = at[part].to_numpy(float) * scale  # NaN (a figure missing): no bar
                 ax.barh(y + (j - 0.5) * 0.38, vals, height=0.38, color=PART_COLOURS[part])
             gap = at["gap"].to_numpy(float) * scale
             ax.scatter(gap, y, marker="D", s=14, color="black", zorder=3)

@@ -62,7 +62,8 @@ def format_path_figure(a: Analysis) -> tuple[Figure, str] | None:
     f = a.format_path
     if f is None or not f.splittable:
         return None
-    splits = {m: f.points[m] for m in reversed(a.metrics) if f.points[m]["gap"].notna().any()}
+    splits = {m: f.points[m] for m in reversed(a.metrics) if f.points[m]["path"].notna().any()
+              and f.points[m]["gap"].notna().any()}
     ms = [u for _, u in nearest_m(f.points["time_s"]["m"], (1, 2048))]
     if not splits or not ms:
         return None
