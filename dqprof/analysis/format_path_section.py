@@ -79,7 +79,7 @@ def token_sentence(f: fp.FormatPath, metric: str, sc: Scenario) -> str | None:
     if rows.empty:
         return None
     return sentence(rows.iloc[0], f"At {where(sc)}", UNIT[metric],
-                    f"of {WORD[metric]} per token (all linears)", f.roles.nf4, f.roles.fused)
+                    f"of {WORD[metric]} per token over all linears", f.roles.nf4, f.roles.fused)
 
 
 def _part(v: float, share: float, unit: Callable[[float], str]) -> str:
