@@ -47,10 +47,12 @@ def _model_record(quant: str, batch: int, j: float) -> dict:
 def small_run(tmp_path_factory):
     from dqprof.fullmodel.records import ModelRecordWriter
 
-    run = fx.write_run(tmp_path_factory.mktemp("nb") / "run", fx.records(fx.TINY),
-                       fx.run_info(model=fx.TINY))
+    backends = (*fx.BACKENDS, "triton-nf4", "tinygemm-int4")  # the format/path split's paths
+    run = fx.write_run(tmp_path_factory.mktemp("nb") / "run",
+                       fx.records(fx.TINY, backends=backends), fx.run_info(model=fx.TINY))
     with ModelRecordWriter(run) as w:  # the full-model notebook's vLLM results
-        for quant, j in (("bf16", 2.0), ("bitsandbytes", 2.4), ("gptq_marlin", 1.5)):
+        for quant, j in (("bf16", 2.0), ("bitsandbytes", 2.4), ("dqprof_nf4", 1.8),
+                         ("gptq_marlin", 1.5)):
             w.write(_model_record(quant, 1, j))
     return run
 

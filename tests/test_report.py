@@ -68,8 +68,9 @@ def test_summary_numbers_are_recomputed(full):
                 assert f"{unit(t[s])} ({fmt.ratio(t[s] / t['bf16'])})" in md
     findings = md.split("## Findings")[1].split("##")[0]
     assert len(re.findall(r"^\d\. ", findings, re.M)) == 3
-    assert "## Left out\n\nNothing" in md
+    assert "## Left out\n\nNothing" in md  # a run without triton-nf4 loses nothing else
     assert "lm_head: bf16 record used" in md
+    assert "No split: this run lacks triton-nf4." in md
 
 
 def test_cpu_run_renders_what_it_can(tmp_path):
@@ -144,4 +145,23 @@ def test_default_report_reads_the_committed_profile(tmp_path, monkeypatch):
     out = tmp_path / "report"
     assert (out / "report.html").exists() and (out / "summary.md").exists()
     assert list(out.glob("*.png")) and list(out.glob("*.svg"))
-    assert "## Findings" in (out / "summary.md").read_text()
+    md = (out / "summary.md").read_text()
+    assert "## Findings" in md
+    # the format-or-path section builds on the committed profile, its numbers recomputed
+    assert {"format_path.png", "format_path.svg", "format_path.csv"} <= {
+        p.name for p in out.iterdir()}
+    section = md.split("## Format or path")[1].split("\n## ")[0]
+    from dqprof.analysis.frame import load_run
+
+    pts = load_run(REPO / "profiles" / "h200").points
+    for metric, unit in (("time_s", fmt.us), ("energy_j", fmt.mj)):
+        t = totals(per_token(pts, DECODE[0], metric)[0])["total"]
+        int4 = t[[s for s in t.index if s.startswith(("marlin", "machete", "tinygemm",
+                                                      "gemlite"))]]
+        best = int4.idxmin()
+        gap, path = t["bnb-nf4"] - int4[best], t["bnb-nf4"] - t["triton-nf4"]
+        row = (f"| decode, batch 1 | {unit(t['bnb-nf4'])} | {unit(t['triton-nf4'])} | "
+               f"{best}: {unit(int4[best])} | {unit(gap)} | {unit(path)} "
+               f"({fmt.pct(path / gap)}) |")
+        assert row in section
+    assert "### Full model in vLLM (J/token)" in section  # model.jsonl is committed too

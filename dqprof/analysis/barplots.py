@@ -1,5 +1,5 @@
-"""Stacked-bar figures: the dequantization tax by kernel category, per-layer energy per
-token, and run-against-run ratios."""
+"""Bar figures: the dequantization tax by kernel category, per-layer energy per token,
+run-against-run ratios, and bnb-nf4's excess split into format and path."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from dqprof.analysis.breakdown import GROUPS, Scenario
@@ -148,4 +149,47 @@ def compare(by_m: pd.DataFrame, aligned: pd.DataFrame, figure_name: str, base: s
         ax.set_title(f"{run} against {base}", fontsize=9)
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=8)
+    return fig
+
+
+PART_COLOURS = {"path": "#d62728", "format": "#1f77b4"}
+
+
+def format_path(splits: dict[str, pd.DataFrame], ms: list[int], nf4: str = "bnb-nf4",
+                fused: str = "triton-nf4") -> Figure:
+    """Per layer, bnb-nf4's excess over the best int4 path split into path (bnb-nf4 −
+    triton-nf4) and format (triton-nf4 − best), signed (a negative part is drawn left of 0);
+    one row of panels per metric in ``splits`` (format_path.point_splits), one column per M.
+    Diamonds: the gap itself; the label beside it names the best path."""
+    metrics = list(splits)
+    fig = figure(4.6 * max(1, len(ms)) + 1.8, 0.9 + 2.9 * max(1, len(metrics)))
+    axes = fig.subplots(max(1, len(metrics)), max(1, len(ms)), squeeze=False)
+    for row, metric in zip(axes, metrics, strict=False):
+        name, unit, scale = UNITS[metric]
+        p = splits[metric]
+        for ax, m in zip(row, ms, strict=False):
+            at = p[(p["m"] == m)].reset_index(drop=True)
+            y = np.arange(len(at))
+            for j, part in enumerate(("path", "format")):
+                vals = at[part].to_numpy(float) * scale  # NaN (a figure missing): no bar
+                ax.barh(y + (j - 0.5) * 0.38, vals, height=0.38, color=PART_COLOURS[part])
+            gap = at["gap"].to_numpy(float) * scale
+            ax.scatter(gap, y, marker="D", s=14, color="black", zorder=3)
+            for yi, (g, best) in enumerate(zip(gap, at["best_series"], strict=True)):
+                if np.isfinite(g) and best:
+                    ax.annotate(best, (g, yi), xytext=(4, 0), textcoords="offset points",
+                                fontsize=6, va="center")
+            ax.axvline(0, color="grey", lw=0.8)
+            ax.set_yticks(y, at["layer"], fontsize=7)
+            ax.invert_yaxis()
+            ax.set_xlabel(f"{name} ({unit})", fontsize=8)
+            ax.set_title(f"M={m}, {name}", fontsize=9)
+            ax.grid(True, axis="x", alpha=0.3)
+            ax.margins(x=0.15)
+    handles = [Patch(color=PART_COLOURS["path"], label=f"path: {nf4} − {fused}"),
+               Patch(color=PART_COLOURS["format"], label=f"format: {fused} − best int4"),
+               Line2D([], [], marker="D", ls="", color="black", label=f"gap: {nf4} − best")]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8)
+    fig.suptitle(f"format or path: {nf4}'s excess over the best fused int4 path, per call",
+                 fontsize=10)
     return fig

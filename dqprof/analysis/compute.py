@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from dqprof.analysis import breakdown, breakeven, energy, roofline
+from dqprof.analysis import breakdown, breakeven, energy, format_path, roofline
 from dqprof.analysis.frame import NF4, REFERENCE, Run
 from dqprof.analysis.interp import nearest_m
 
@@ -28,6 +28,7 @@ class Analysis:
     tax_layer: str | None  # the layer the tax plot shows: the largest quantized weight
     rep_ms: list[tuple[int, int]]  # (representative M, measured M used for it)
     left_out: list[str] = field(default_factory=list)  # what the report could not show, why
+    format_path: format_path.FormatPath | None = None  # bnb-nf4's excess: format or path
 
     @property
     def points(self) -> pd.DataFrame:
@@ -76,4 +77,5 @@ def analyze(run: Run) -> Analysis:
         categories=energy.category_frame(pts), fit=fit,
         break_even={m: breakeven.break_even(pts, m) for m in metrics},
         bytes=breakeven.byte_budget(pts, roof.bytes_per_s if roof else None),
-        per_token=per_tok, metrics=metrics, left_out=list(dict.fromkeys(left)))
+        per_token=per_tok, metrics=metrics, left_out=list(dict.fromkeys(left)),
+        format_path=format_path.analyze(pts, run.records, per_tok))

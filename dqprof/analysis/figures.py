@@ -10,6 +10,7 @@ from dqprof.analysis.compare import ratio_by_m
 from dqprof.analysis.compute import Analysis
 from dqprof.analysis.energy import SPLIT_METHOD
 from dqprof.analysis.frame import reference_of
+from dqprof.analysis.interp import nearest_m
 
 
 def run_figures(a: Analysis, prefix: str = "") -> dict[str, tuple[Figure, str]]:
@@ -49,7 +50,28 @@ def run_figures(a: Analysis, prefix: str = "") -> dict[str, tuple[Figure, str]]:
             f"All linears, {word} per token, stacked by layer group (calls_per_token x "
             f"per-call figure at the scenario's M / tokens). Dotted: layers the path leaves "
             f"bf16, drawn with the bf16 record. Unmeasured M: see the notes under the table.")
+    fp_fig = format_path_figure(a)
+    if fp_fig is not None:
+        figs[prefix + "format_path"] = fp_fig
     return figs
+
+
+def format_path_figure(a: Analysis) -> tuple[Figure, str] | None:
+    """bnb-nf4's excess per layer split into path and format, at decode M=1 and prefill M=2048
+    (the nearest measured M); None where the run cannot split (Analysis.format_path says why)."""
+    f = a.format_path
+    if f is None or not f.splittable:
+        return None
+    splits = {m: f.points[m] for m in reversed(a.metrics) if f.points[m]["path"].notna().any()
+              and f.points[m]["gap"].notna().any()}
+    ms = [u for _, u in nearest_m(f.points["time_s"]["m"], (1, 2048))]
+    if not splits or not ms:
+        return None
+    return (barplots.format_path(splits, ms, f.roles.nf4, f.roles.fused),
+            f"Per layer, per call at M={' and '.join(map(str, ms))}: {f.roles.nf4}'s excess "
+            f"over the best fused int4 path (diamond, named) split into the path "
+            f"({f.roles.nf4} − {f.roles.fused}) and the format ({f.roles.fused} − best); a part "
+            f"left of 0 is negative (see the section's method).")
 
 
 def compare_figures(aligned: pd.DataFrame, base: str, series: list[str],

@@ -149,8 +149,19 @@ def bandwidth_at_m1(a: Analysis) -> str | None:
             "(byte-model traffic over time) is: " + ", ".join(parts) + ".")
 
 
+def format_or_path(a: Analysis) -> str | None:
+    """bnb-nf4's excess over the best fused int4 path at decode batch 1: path or format."""
+    from dqprof.analysis.format_path_section import token_sentence
+
+    f = a.format_path
+    if f is None or not f.splittable:
+        return None
+    return token_sentence(f, _metric(a), DECODE[0])
+
+
 CANDIDATES: tuple[Callable[[Analysis], str | None], ...] = (
-    dequant_tax, decode_batch1, break_even, byte_budget, energy_fit, prefill, bandwidth_at_m1)
+    dequant_tax, format_or_path, decode_batch1, break_even, byte_budget, energy_fit, prefill,
+    bandwidth_at_m1)
 
 
 def findings(a: Analysis, count: int = 3) -> list[str]:

@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
 from dqprof.analysis import doc as docs
 from dqprof.analysis import summary
 from dqprof.analysis.compare import FIGURES, align, ratio_by_m, ratio_summary
@@ -75,6 +77,8 @@ def make_report(paths: list[Path | str] | None, out: Path | str) -> ReportResult
         figs.update(recon)
         left += missed
     files: list[Path] = [out / "comparison.csv"] if multi else []
+    for a, prefix in zip(analyses, prefixes, strict=True):
+        files += _format_path_csv(a, out / f"{prefix}format_path.csv")
     plots = {}
     for name, (fig, caption) in figs.items():
         png, written = _write_figure(fig, out, name)
@@ -86,6 +90,16 @@ def make_report(paths: list[Path | str] | None, out: Path | str) -> ReportResult
     title = document.blocks[0].text if document.blocks else "dqprof report"
     html.write_text(docs.to_html(document, title))
     return ReportResult(out, [html, md] + files, _left_out(document))
+
+
+def _format_path_csv(a: Analysis, path: Path) -> list[Path]:
+    """Every (layer, M) split of bnb-nf4's excess, one row per metric (the section's data)."""
+    f = a.format_path
+    if f is None or not f.splittable:
+        return []
+    frames = [p.assign(metric=m) for m, p in f.points.items()]
+    pd.concat(frames, ignore_index=True).to_csv(path, index=False)
+    return [path]
 
 
 def _left_out(document: docs.Doc) -> list[str]:

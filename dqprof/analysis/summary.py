@@ -13,6 +13,7 @@ from dqprof.analysis.compute import Analysis
 from dqprof.analysis.doc import Doc, Heading, Items, Para, Plot
 from dqprof.analysis.energy import SPLIT_METHOD
 from dqprof.analysis.findings import findings
+from dqprof.analysis.format_path_section import section as format_path_section
 
 METHOD = [
     "Energy per call: NVML board energy over windows aligned to the counter's ticks, divided "
@@ -60,6 +61,7 @@ def run_blocks(a: Analysis, plots: dict[str, Plot], level: int = 2, prefix: str 
     out.append(Heading(h + 1, "Per layer"))
     for sc in (DECODE[0], PREFILL[-1]):
         out += [Para(f"{sc.label}, per token:"), tables.per_layer(a, detail, sc)]
+    out += format_path_section(a, plots, prefix, h)
     out += [Heading(h, "Break-even M against bf16"), tables.break_even(a)]
     out += _plot(plots, prefix + "time_vs_m") + _plot(plots, prefix + "energy_vs_m")
     if not a.bytes.empty:
