@@ -26,14 +26,19 @@ from dqprof.fullmodel.records import (
 )
 from dqprof.fullmodel.runner import (
     QUANTS,
+    PhaseDisplay,
     RunConfig,
     Runner,
+    check_quant,
     failure_reason,
     parse_quants,
 )
+from dqprof.fullmodel.plugin import KERNEL_LINE
+from dqprof.fullmodel.preflight import CheckpointInfo
 from dqprof.fullmodel.synth import SynthOptions, synthesize
 from dqprof.fullmodel.worker import (
     WorkerSpec,
+    fp8_unsupported,
     parse_attention_backend,
     parse_linear_kernel,
     run_points,
@@ -409,9 +414,16 @@ def test_worker_end_to_end_with_stand_in_vllm(tmp_path: Path, tiny_ckpt: Path,
 
 
 def test_quant_names_and_checks(tiny_ckpt: Path) -> None:
-    assert set(QUANTS) == {"bf16", "bitsandbytes", "gptq_marlin", "awq_marlin"}
-    with pytest.raises(DqprofError, match="unknown quantization 'fp8'"):
-        parse_quants("bf16,fp8", tiny_ckpt)
+    assert set(QUANTS) == {"bf16", "bitsandbytes", "gptq_marlin", "awq_marlin", "dqprof_nf4",
+                           "fp8"}
+    with pytest.raises(DqprofError, match="unknown quantization 'int3'"):
+        parse_quants("bf16,int3", tiny_ckpt)
+    # both load-time quantizations run on the bf16 checkpoint
+    assert QUANTS["dqprof_nf4"] == ("dqprof_nf4", "bf16") and QUANTS["fp8"] == ("fp8", "bf16")
+    gptq = CheckpointInfo("ck/g4-gptq", "g4", "gptq", {})
+    for q in ("fp8", "dqprof_nf4"):
+        with pytest.raises(DqprofError, match=f"--quant {q} runs on a bf16 checkpoint"):
+            check_quant(q, gptq)
     with pytest.raises(DqprofError, match="pass --model"):
         parse_quants("bf16", None)
     assert parse_quants("bf16,gptq_marlin@x/y", tiny_ckpt)[1] == ("gptq_marlin", Path("x/y"))
@@ -480,3 +492,15 @@ def test_linear_kernel_from_logs() -> None:
                                 "Using MacheteLinearKernel for AWQMarlinLinearMethod"]) == "Machete"
     assert parse_linear_kernel(["Using MarlinLinearKernel for GPTQMarlinLinearMethod"]) == "Marlin"
     assert parse_linear_kernel(["Using AttentionBackendEnum.TRITON_ATTN backend."]) is None
+    # vLLM 0.20.2's FP8 selector (model_executor/kernels/linear/__init__.py) and our plugin
+    assert parse_linear_kernel(["Selected CutlassFP8ScaledMMLinearKernel for "
+                                "Fp8OnlineLinearMethod"]) == "CutlassFP8ScaledMM"
+    assert parse_linear_kernel([KERNEL_LINE]) == "TritonNf4"
+
+
+def test_fp8_needs_fp8_tensor_cores() -> None:
+    assert fp8_unsupported("9.0") is None and fp8_unsupported("8.9") is None
+    assert fp8_unsupported("10.0") is None
+    why = fp8_unsupported("8.0")
+    assert why and "8.0" in why and "8.9" in why
+    assert fp8_unsupported(None) is None  # unknown: vLLM decides
