@@ -17,6 +17,8 @@ from dqprof.cli import app
 from dqprof.errors import DqprofError
 from dqprof.fullmodel import workload as W
 from dqprof.fullmodel.energy import TickMeter, measure_window
+from dqprof.fullmodel.plugin import KERNEL_LINE
+from dqprof.fullmodel.preflight import CheckpointInfo
 from dqprof.fullmodel.records import (
     ModelRecordWriter,
     base_record,
@@ -33,8 +35,6 @@ from dqprof.fullmodel.runner import (
     failure_reason,
     parse_quants,
 )
-from dqprof.fullmodel.plugin import KERNEL_LINE
-from dqprof.fullmodel.preflight import CheckpointInfo
 from dqprof.fullmodel.synth import SynthOptions, synthesize
 from dqprof.fullmodel.worker import (
     WorkerSpec,
@@ -504,3 +504,19 @@ def test_fp8_needs_fp8_tensor_cores() -> None:
     why = fp8_unsupported("8.0")
     assert why and "8.0" in why and "8.9" in why
     assert fp8_unsupported(None) is None  # unknown: vLLM decides
+
+
+def test_phase_display_names_each_phase_once_with_an_eta() -> None:
+    lines: list[str] = []
+    d = PhaseDisplay("dqprof_nf4", 4, lines.append, engine_start_s=120.0)
+    d.update({}, 1.0)  # no info file yet: nothing to say
+    d.update({"phase": "loading"}, 2.0)
+    d.update({"phase": "loading"}, 3.0)  # no repeat
+    d.update({"phase": "quantizing (dqprof_nf4)"}, 30.0)
+    d.update({"phase": "measuring decode b=1", "points_done": 0}, 100.0)
+    d.update({"phase": "measuring prefill b=1", "points_done": 1}, 130.0)
+    assert lines[0] == "dqprof_nf4: loading (2 s in, ETA 2.0 min)"  # the last engine start
+    assert lines[1].startswith("dqprof_nf4: quantizing (dqprof_nf4) (30 s in, ETA 1.5 min")
+    assert "ETA" not in lines[2]  # no point done yet
+    assert lines[3] == "dqprof_nf4: measuring prefill b=1 (130 s in, ETA 1.5 min)"  # 3 x 30 s
+    assert len(lines) == 4
