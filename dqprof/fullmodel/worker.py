@@ -220,12 +220,14 @@ class VllmEngine:
         return [len(o.outputs[0].token_ids) for o in outs]
 
     def profile(self, prompts: list[list[int]], max_tokens: int, window: Any, sites: list,
-                phase: str, opts: Any, tokens_per_step: float | None) -> Any:
+                phase: str, opts: Any, tokens_per_step: float | None,
+                trace_path: Path | None = None) -> Any:
         """One generate call with the steps of ``window`` profiled (stepprof)."""
         from dqprof.fullmodel.stepprof import profile_call
 
         return profile_call(self.llm.llm_engine, lambda: self.generate(prompts, max_tokens),
-                            window, sites, phase, opts, tokens_per_step=tokens_per_step)
+                            window, sites, phase, opts, trace_path,
+                            tokens_per_step=tokens_per_step)
 
     def modules(self) -> dict[str, Any]:
         """What each linear and embedding runs on ({} where vLLM cannot say)."""
@@ -345,7 +347,13 @@ class InSitu:
                                                     ("prefill", 1, pw, None)):
             prompts = make_prompts(b, w.input_len, self.spec.vocab, self.spec.seed,
                                    (idx, 2, int(phase == "prefill")))
-            prof = engine.profile(prompts, max_tokens, window, self.sites, phase, o, per_step)
+            trace = None
+            if o.keep_traces:
+                trace = Path(self.spec.run_dir) / "logs" / "traces" / (
+                    f"{self.spec.quant}-{w.name.replace(':', '_')}-b{b}-{phase}.json")
+                trace.parent.mkdir(parents=True, exist_ok=True)
+            prof = engine.profile(prompts, max_tokens, window, self.sites, phase, o, per_step,
+                                  trace)
             out[phase] = prof.as_dict()
             out[phase]["window_first_step"] = window.start
         return out
