@@ -87,6 +87,8 @@ def test_step_breakdown(trace: dict, sites: list) -> None:
     c = {k: round(v / US, 6) for k, v in p.categories.items()}
     assert c == {"attention": 16.0, "norm/elementwise": 31.0, "gather": 8.0, "sampling": 6.0,
                  "cast/copy": 3.0, "other": 0.5}
+    assert p.other_kernels == {"void dqprof_fixture_unnamed_kernel<int>(int*)":
+                               pytest.approx(0.5 * US)}  # what to name next
     assert p.linear_kernels["gemm"] == pytest.approx(140 * US)  # + 10 us of shard copies
     assert p.linear_kernels["cast/copy"] == pytest.approx(10 * US)
     assert p.busy_s == pytest.approx(214.5 * US)

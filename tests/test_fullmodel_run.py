@@ -378,12 +378,18 @@ FAKE_VLLM = textwrap.dedent("""
                      compilation_config=NS(mode=3, cudagraph_mode="FULL_AND_PIECEWISE",
                                            cudagraph_capture_sizes=[1, 2]),
                      cache_config=NS(cache_dtype="auto", num_gpu_blocks=100))
-            self.llm_engine = NS(vllm_config=cfg)
+            self.llm_engine = NS(vllm_config=cfg, step=lambda: [])
 
         def generate(self, prompts, sp, use_tqdm):
             assert all(len(p["prompt_token_ids"]) == 16 for p in prompts)
+            for _ in range(sp.max_tokens):  # as LLM._run_engine: one engine step per token
+                self.llm_engine.step()
             time.sleep(0.01)
             return [NS(outputs=[NS(token_ids=[5] * sp.max_tokens)]) for _ in prompts]
+
+        def apply_model(self, func):
+            import torch
+            return [func(torch.nn.Sequential())]
 """)
 
 
@@ -411,6 +417,12 @@ def test_worker_end_to_end_with_stand_in_vllm(tmp_path: Path, tiny_ckpt: Path,
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     worker = run["sessions"][-1]["workers"]["bf16"]
     assert worker["rc"] == 0 and worker["energy_note"] and worker["engine"]["dtype"]
+    assert worker["phase"] == "done" and r["engine_start"]["s"] > 0
+    assert "j" not in r["engine_start"]  # no NVML energy here
+    assert r["engine"]["linear_methods"] == {}
+    # no CUDA to synchronize here: the profile is a recorded failure, the point stays ok
+    assert r["status"] == "ok" and r["in_situ"]["decode"]["status"] == "failed"
+    assert r["in_situ"]["decode"]["reason"].startswith("profiler:")
 
 
 def test_quant_names_and_checks(tiny_ckpt: Path) -> None:

@@ -130,6 +130,7 @@ class StepProfile:
     linear_calls_per_step: float | None = None
     assignment: str = ""  # how GEMMs were matched to layers (or why they were not)
     named_fraction: float | None = None  # (named categories + linears + idle) / span
+    other_kernels: dict[str, float] = field(default_factory=dict)  # the largest unnamed, s/step
 
     @property
     def linear_s(self) -> float:
@@ -203,11 +204,14 @@ def analyze(trace: dict[str, Any], sites: list[LinearShape], phase: str, engine_
     groups: dict[str, float] = {}
     layers: dict[str, float] = {}
     lin_kernels: dict[str, float] = {}
+    other: dict[str, float] = {}
     for i, k in enumerate(kernels):
         s = k.dur / 1e6 / steps
         j = in_run.get(i)
         if j is None:
             cats[k.category] = cats.get(k.category, 0.0) + s
+            if k.category == "other":
+                other[k.name[:160]] = other.get(k.name[:160], 0.0) + s
             continue
         site = site_of.get(j)
         g = site.group if site else UNASSIGNED
@@ -223,6 +227,7 @@ def analyze(trace: dict[str, Any], sites: list[LinearShape], phase: str, engine_
     prof.categories = {c: v for c, v in cats.items() if v}
     prof.linear_by_group, prof.linear_by_layer = groups, layers
     prof.linear_kernels = lin_kernels
+    prof.other_kernels = dict(sorted(other.items(), key=lambda kv: -kv[1])[:5])
     prof.linear_calls_per_step = len(runs) / steps
     named = sum(v for c, v in prof.categories.items() if c != "other") + prof.linear_s
     prof.named_fraction = (named + prof.idle_s) / prof.span_s if prof.span_s else None
