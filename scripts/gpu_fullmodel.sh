@@ -2,11 +2,14 @@
 # Full-model vLLM runs on the GPU machine (issue 4): synthesize Gemma 4 E4B checkpoints into
 # /tmp, run the quantization matrix inside a total time budget, copy the results to $OUT.
 #
-#   scripts/gpu_fullmodel.sh test [TIMEOUT_S]
-#       the 2-layer GPU tests (tests/test_fullmodel_gpu.py): 4 quantizations, eager, 8 tokens
+#   scripts/gpu_fullmodel.sh test [TIMEOUT_S] [PYTEST_K]
+#       the 2-layer GPU tests (tests/test_fullmodel_gpu.py): 6 quantizations eager, bf16 and
+#       dqprof_nf4 compiled with the in-situ profile, bitsandbytes vs dqprof_nf4 logits;
+#       PYTEST_K (pytest -k) selects a part of them (all of them take over one 10-min call)
 #   scripts/gpu_fullmodel.sh BUDGET_S [QUANTS] [BATCHES] [WORKLOADS] [ENGINE]
 #       BUDGET_S covers synthesis and the matrix (keep it ~30 s under the call's limit);
-#       QUANTS bf16,bitsandbytes,gptq_marlin,awq_marlin; BATCHES 1,8,32,128;
+#       QUANTS bf16,bitsandbytes,gptq_marlin,awq_marlin (also dqprof_nf4, fp8: on the bf16
+#       checkpoint); BATCHES 1,8,32,128;
 #       WORKLOADS decode,prefill; ENGINE default|graphs|eager (default: default).
 #
 # Needs vLLM staged (../shared/device/stage-gpu-deps --vllm; /tmp/gpu-site). Checkpoints live
@@ -26,7 +29,7 @@ start=$(date +%s)
 if [[ "${1:-}" == "test" ]]; then
   log "fullmodel GPU tests"
   timeout --signal=KILL "${2:-570}" python3 -m pytest -m gpu -q -s --no-header -p no:cacheprovider \
-    tests/test_fullmodel_gpu.py 2>&1 | tail -60
+    ${3:+-k "$3"} tests/test_fullmodel_gpu.py 2>&1 | tail -60
   log "done after $(( $(date +%s) - start )) s"
   exit 0
 fi
@@ -40,7 +43,8 @@ deadline=$(( start + budget ))
 nvidia-smi --query-gpu=name,driver_version,power.limit,temperature.gpu,memory.used --format=csv
 df -h /tmp | tail -1
 
-declare -A FMT=([bf16]=bf16 [bitsandbytes]=bf16 [gptq_marlin]=gptq [awq_marlin]=awq)
+declare -A FMT=([bf16]=bf16 [bitsandbytes]=bf16 [dqprof_nf4]=bf16 [fp8]=bf16 [gptq_marlin]=gptq
+                [awq_marlin]=awq)
 spec=""
 for q in ${quants//,/ }; do
   fmt=${FMT[$q]:-}
@@ -77,5 +81,14 @@ for r in latest(load_model_records(sys.argv[1])):
     print(f"{r['quant']:13s} {r['workload']:8s} b={r['batch']:<4d} {r['status']:7s}",
           f"tok/s={r.get('tokens_per_s') or 0:9.1f} decode J/tok={d.get('j_per_token')}",
           f"prefill J/tok={p.get('j_per_token')} attn={(r.get('engine') or {}).get('attention_backend')}",
+          f"linear={(r.get('engine') or {}).get('linear_kernel')}",
+          f"start={(r.get('engine_start') or {}).get('s')}s/{(r.get('engine_start') or {}).get('j')}J",
           (r.get("reason") or "")[:160])
+    s = (r.get("in_situ") or {}).get("decode") or {}
+    if s:
+        lin = sum((s.get("linear_by_group") or {}).values())
+        print(f"    in situ decode: {s.get('status')} steps={s.get('steps')} "
+              f"span={1e3 * (s.get('span_s') or 0):.3f} ms linear={1e3 * lin:.3f} ms "
+              f"idle={1e3 * (s.get('idle_s') or 0):.3f} ms named+idle={s.get('named_fraction')} "
+              f"{s.get('reason') or ''}")
 PY

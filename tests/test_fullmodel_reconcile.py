@@ -60,7 +60,8 @@ KREC = _kernel_records()
 
 def test_backend_map() -> None:
     assert QUANT_BACKEND == {"bf16": "bf16", "bitsandbytes": "bnb-nf4",
-                             "gptq_marlin": "marlin-gptq", "awq_marlin": "marlin-awq"}
+                             "gptq_marlin": "marlin-gptq", "awq_marlin": "marlin-awq",
+                             "dqprof_nf4": "triton-nf4", "fp8": "fp8"}
     lm = next(s for s in SHAPES if s.name == "lm_head")
     mlp = next(s for s in SHAPES if s.name == "mlp.down_proj")
     assert backend_for("gptq_marlin", lm) == "bf16"  # the tied head stays bf16
@@ -207,3 +208,65 @@ def test_m_independent_records() -> None:
     rec = {**KREC[0], "layer": s.name, "n": s.n, "k": s.k, "m": 0, "backend": "x",
            "energy": {"j_per_call": 0.5}, "time": {"median_s": 1e-3}}
     assert kernel_figures([rec], s, "x", 64) == (0.5, 1e-3, "m-independent", (0,))
+
+
+def test_in_situ_breakdown_per_token_and_its_energy_estimate() -> None:
+    pred = predict(KREC, SHAPES, "gptq_marlin", "decode", 8)
+    rec = _model_record("gptq_marlin", 8, 4e-3, 1e-3)
+    # a profiled decode step of 8 tokens: 6 ms of linears, 1 ms attention, 0.5 ms norms,
+    # 0.5 ms idle; 8 ms span
+    rec["in_situ"] = {"decode": {
+        "status": "ok", "tokens_per_step": 8.0, "span_s": 8e-3, "idle_s": 0.5e-3,
+        "host_s": 9e-3, "named_fraction": 1.0, "assignment": "by order",
+        "linear_by_group": {"mlp.gate_up": 4e-3, "attn.qkv": 2e-3},
+        "categories": {"attention": 1e-3, "norm/elementwise": 0.5e-3}},
+        "prefill": {"status": "failed", "reason": "profiler: no CUPTI"}}
+    rows = reconcile([rec], KREC, SHAPES)
+    dec = next(r for r in rows if r.phase == "decode")
+    v = dec.in_situ
+    assert v["status"] == "ok" and v["linear_s_per_token"] == pytest.approx(6e-3 / 8)
+    assert v["linear_by_group_s_per_token"]["mlp.gate_up"] == pytest.approx(0.5e-3)
+    assert v["rest_s_per_token"]["attention"] == pytest.approx(1e-3 / 8)
+    assert v["idle_s_per_token"] == pytest.approx(0.5e-3 / 8)
+    assert v["host_s_per_token"] == pytest.approx(9e-3 / 8)
+    assert v["predicted_over_in_situ"] == pytest.approx(pred.s_per_token / (6e-3 / 8))
+    e = v["energy_j_per_token"]  # J/token x time share of the 8 ms step
+    assert e["linear mlp.gate_up"] == pytest.approx(4e-3 * 4 / 8)
+    assert e["attention"] == pytest.approx(4e-3 / 8) and e["idle"] == pytest.approx(4e-3 / 16)
+    assert sum(e.values()) == pytest.approx(4e-3)  # the parts fill the span here
+    assert "estimate" in v["energy_method"]
+    pre = next(r for r in rows if r.phase == "prefill")
+    assert pre.in_situ == {"status": "failed", "reason": "profiler: no CUPTI"}
+    assert reconcile([_model_record("gptq_marlin", 8, 4e-3, 1e-3)], KREC, SHAPES)[0] \
+        .in_situ is None
+
+
+def test_decode_step_figure_stacks_the_profiled_parts(tmp_path: Path) -> None:
+    from dqprof.analysis.fullmodel_section import _in_situ
+    from dqprof.fullmodel.plot import plot_decode_steps, step_parts
+
+    prof = {"status": "ok", "tokens_per_step": 1.0, "span_s": 8e-3, "idle_s": 0.5e-3,
+            "linear_by_group": {"mlp.gate_up": 4e-3, "attn.qkv": 2e-3},
+            "categories": {"attention": 1e-3, "norm/elementwise": 0.3e-3, "sampling": 0.2e-3}}
+    parts = step_parts(prof)
+    assert parts == pytest.approx({"linear mlp.gate_up": 4e-3, "linear attn.qkv": 2e-3,
+                                   "attention": 1e-3, "other": 0.5e-3, "idle": 0.5e-3})
+    recs = []
+    for q in ("bf16", "bitsandbytes"):
+        for b in (1, 8):
+            r = _model_record(q, b, 4e-3, 1e-3)
+            r["in_situ"] = {"decode": prof}
+            recs.append(r)
+    recs.append(_model_record("gptq_marlin", 1, 4e-3, 1e-3))  # no profile: no bar
+    fig = plot_decode_steps(recs, path=tmp_path / "steps.png")
+    assert (tmp_path / "steps.png").stat().st_size > 0
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["bf16\nB=1", "bf16\nB=8",
+                                                           "bnb\nB=1", "bnb\nB=8"]
+    heights = sum(p.get_height() for p in ax.patches) / 4
+    assert heights == pytest.approx(8.0)  # ms per step: the parts fill the span
+    assert plot_decode_steps([_model_record("bf16", 1, 1e-3, 1e-3)]) is None
+    rows = reconcile(recs, KREC, SHAPES)
+    table = _in_situ(rows)[0]
+    assert len(table.rows) == 4  # the decode rows that carry a profile
+    assert table.rows[0][5] == "6e+03" and table.rows[0][-1] == "-"

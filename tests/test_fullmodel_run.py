@@ -17,6 +17,8 @@ from dqprof.cli import app
 from dqprof.errors import DqprofError
 from dqprof.fullmodel import workload as W
 from dqprof.fullmodel.energy import TickMeter, measure_window
+from dqprof.fullmodel.plugin import KERNEL_LINE
+from dqprof.fullmodel.preflight import CheckpointInfo
 from dqprof.fullmodel.records import (
     ModelRecordWriter,
     base_record,
@@ -26,14 +28,17 @@ from dqprof.fullmodel.records import (
 )
 from dqprof.fullmodel.runner import (
     QUANTS,
+    PhaseDisplay,
     RunConfig,
     Runner,
+    check_quant,
     failure_reason,
     parse_quants,
 )
 from dqprof.fullmodel.synth import SynthOptions, synthesize
 from dqprof.fullmodel.worker import (
     WorkerSpec,
+    fp8_unsupported,
     parse_attention_backend,
     parse_linear_kernel,
     run_points,
@@ -373,12 +378,18 @@ FAKE_VLLM = textwrap.dedent("""
                      compilation_config=NS(mode=3, cudagraph_mode="FULL_AND_PIECEWISE",
                                            cudagraph_capture_sizes=[1, 2]),
                      cache_config=NS(cache_dtype="auto", num_gpu_blocks=100))
-            self.llm_engine = NS(vllm_config=cfg)
+            self.llm_engine = NS(vllm_config=cfg, step=lambda: [])
 
         def generate(self, prompts, sp, use_tqdm):
             assert all(len(p["prompt_token_ids"]) == 16 for p in prompts)
+            for _ in range(sp.max_tokens):  # as LLM._run_engine: one engine step per token
+                self.llm_engine.step()
             time.sleep(0.01)
             return [NS(outputs=[NS(token_ids=[5] * sp.max_tokens)]) for _ in prompts]
+
+        def apply_model(self, func):
+            import torch
+            return [func(torch.nn.Sequential())]
 """)
 
 
@@ -406,12 +417,25 @@ def test_worker_end_to_end_with_stand_in_vllm(tmp_path: Path, tiny_ckpt: Path,
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     worker = run["sessions"][-1]["workers"]["bf16"]
     assert worker["rc"] == 0 and worker["energy_note"] and worker["engine"]["dtype"]
+    assert worker["phase"] == "done" and r["engine_start"]["s"] > 0
+    assert "j" not in r["engine_start"]  # no NVML energy here
+    assert r["engine"]["linear_methods"] == {}
+    # no CUDA to synchronize here: the profile is a recorded failure, the point stays ok
+    assert r["status"] == "ok" and r["in_situ"]["decode"]["status"] == "failed"
+    assert r["in_situ"]["decode"]["reason"].startswith("profiler:")
 
 
 def test_quant_names_and_checks(tiny_ckpt: Path) -> None:
-    assert set(QUANTS) == {"bf16", "bitsandbytes", "gptq_marlin", "awq_marlin"}
-    with pytest.raises(DqprofError, match="unknown quantization 'fp8'"):
-        parse_quants("bf16,fp8", tiny_ckpt)
+    assert set(QUANTS) == {"bf16", "bitsandbytes", "gptq_marlin", "awq_marlin", "dqprof_nf4",
+                           "fp8"}
+    with pytest.raises(DqprofError, match="unknown quantization 'int3'"):
+        parse_quants("bf16,int3", tiny_ckpt)
+    # both load-time quantizations run on the bf16 checkpoint
+    assert QUANTS["dqprof_nf4"] == ("dqprof_nf4", "bf16") and QUANTS["fp8"] == ("fp8", "bf16")
+    gptq = CheckpointInfo("ck/g4-gptq", "g4", "gptq", {})
+    for q in ("fp8", "dqprof_nf4"):
+        with pytest.raises(DqprofError, match=f"--quant {q} runs on a bf16 checkpoint"):
+            check_quant(q, gptq)
     with pytest.raises(DqprofError, match="pass --model"):
         parse_quants("bf16", None)
     assert parse_quants("bf16,gptq_marlin@x/y", tiny_ckpt)[1] == ("gptq_marlin", Path("x/y"))
@@ -480,3 +504,31 @@ def test_linear_kernel_from_logs() -> None:
                                 "Using MacheteLinearKernel for AWQMarlinLinearMethod"]) == "Machete"
     assert parse_linear_kernel(["Using MarlinLinearKernel for GPTQMarlinLinearMethod"]) == "Marlin"
     assert parse_linear_kernel(["Using AttentionBackendEnum.TRITON_ATTN backend."]) is None
+    # vLLM 0.20.2's FP8 selector (model_executor/kernels/linear/__init__.py) and our plugin
+    assert parse_linear_kernel(["Selected CutlassFP8ScaledMMLinearKernel for "
+                                "Fp8OnlineLinearMethod"]) == "CutlassFP8ScaledMM"
+    assert parse_linear_kernel([KERNEL_LINE]) == "TritonNf4"
+
+
+def test_fp8_needs_fp8_tensor_cores() -> None:
+    assert fp8_unsupported("9.0") is None and fp8_unsupported("8.9") is None
+    assert fp8_unsupported("10.0") is None
+    why = fp8_unsupported("8.0")
+    assert why and "8.0" in why and "8.9" in why
+    assert fp8_unsupported(None) is None  # unknown: vLLM decides
+
+
+def test_phase_display_names_each_phase_once_with_an_eta() -> None:
+    lines: list[str] = []
+    d = PhaseDisplay("dqprof_nf4", 4, lines.append, engine_start_s=120.0)
+    d.update({}, 1.0)  # no info file yet: nothing to say
+    d.update({"phase": "loading"}, 2.0)
+    d.update({"phase": "loading"}, 3.0)  # no repeat
+    d.update({"phase": "quantizing (dqprof_nf4)"}, 30.0)
+    d.update({"phase": "measuring decode b=1", "points_done": 0}, 100.0)
+    d.update({"phase": "measuring prefill b=1", "points_done": 1}, 130.0)
+    assert lines[0] == "dqprof_nf4: loading (2 s in, ETA 2.0 min)"  # the last engine start
+    assert lines[1].startswith("dqprof_nf4: quantizing (dqprof_nf4) (30 s in, ETA 1.5 min")
+    assert "ETA" not in lines[2]  # no point done yet
+    assert lines[3] == "dqprof_nf4: measuring prefill b=1 (130 s in, ETA 1.5 min)"  # 3 x 30 s
+    assert len(lines) == 4

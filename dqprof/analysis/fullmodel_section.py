@@ -99,4 +99,48 @@ def full_model_section(run: Run, prefix: str = "") -> tuple[Figures, list, list[
                f"kernel records, as a share of vLLM's measured J/token (stacked); hatched: "
                f"the remainder (attention, norms, embeddings/PLE gathers, sampling, idle). "
                f"Decode explained: {shares}.")
-    return {prefix + "reconciliation": (fig, caption)}, blocks, []
+    figures = {prefix + "reconciliation": (fig, caption)}
+    blocks += _in_situ(rows)
+    from dqprof.fullmodel.plot import plot_decode_steps
+
+    if (steps := plot_decode_steps(model_records, workload=wl)) is not None:
+        figures[prefix + "decode_step"] = (steps, (
+            f"Full model ({wl}): one decode step measured in situ (torch.profiler over a few "
+            f"engine steps, outside the energy windows), device time by part: the linear "
+            f"layers by group, attention, everything else, and device idle between kernels."))
+    return figures, blocks, []
+
+
+def _us(x: float | None) -> str:
+    return "-" if x is None else f"{x * 1e6:.3g}"
+
+
+def _in_situ(rows: list) -> list:
+    """The table of profiled steps: linears predicted vs measured in situ, the rest."""
+    table = []
+    for r in rows:
+        v = r.in_situ
+        if not v:
+            continue
+        if v.get("status") != "ok":
+            table.append([r.quant, r.workload, str(r.batch), r.phase, "-", "-", "-", "-", "-",
+                          "-", f"failed: {v.get('reason')}"])
+            continue
+        rest = v["rest_s_per_token"]
+        ratio = v.get("predicted_over_in_situ")
+        table.append([r.quant, r.workload, str(r.batch), r.phase,
+                      _us(r.predicted_s_per_token), _us(v["linear_s_per_token"]),
+                      "-" if ratio is None else f"{ratio:.2f}", _us(rest.get("attention")),
+                      _us(sum(x for c, x in rest.items() if c != "attention")),
+                      _us(v["idle_s_per_token"]),
+                      "-" if v.get("named_fraction") is None else f"{v['named_fraction']:.0%}"])
+    if not table:
+        return []
+    return [Table(["quantization", "workload", "B", "phase", "linears predicted us/token",
+                   "linears in situ us/token", "predicted / in situ", "attention us/token",
+                   "other us/token", "idle us/token", "named + idle"], table,
+                  "The profiled steps (model.jsonl in_situ): device time per token of the "
+                  "linear layers predicted from the kernel records and measured in situ, and "
+                  "the rest of the step by category; 'named + idle': the share of the step's "
+                  "span that named categories and device idle account for. Energy per part "
+                  "in the records is an estimate (the window's J/token split by time share).")]

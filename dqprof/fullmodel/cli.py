@@ -68,7 +68,8 @@ def synth(
 @model_app.command()
 def run(
     quant: Annotated[str, typer.Option(help="Quantizations, comma-separated: bf16, "
-                                       "bitsandbytes, gptq_marlin, awq_marlin; NAME@PATH gives "
+                                       "bitsandbytes, dqprof_nf4, fp8 (these on a bf16 "
+                                       "checkpoint), gptq_marlin, awq_marlin; NAME@PATH gives "
                                        "one its own checkpoint.")],
     model: Annotated[Path | None, typer.Option("--model", help="Checkpoint folder (synthetic "
                                                "or a real HF checkpoint).")] = None,
@@ -93,6 +94,15 @@ def run(
                        ] = 1800.0,
     no_energy: Annotated[bool, typer.Option("--no-energy", help="Time only.")] = False,
     seed: Annotated[int, typer.Option(help="Sampling and prompt seed.")] = 0,
+    in_situ: Annotated[bool, typer.Option("--in-situ/--no-in-situ", help="Profile a few "
+                                          "decode and prefill engine steps of every point "
+                                          "(torch.profiler), outside the energy windows.")
+                       ] = True,
+    profile_steps: Annotated[int, typer.Option(help="Decode engine steps per in-situ "
+                                               "window (prefill: half as many, at least 1).")
+                             ] = 8,
+    keep_traces: Annotated[bool, typer.Option("--keep-traces", help="Keep the in-situ "
+                                              "Chrome traces (OUT/logs/traces/).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check checkpoints, print the "
                                           "plan, run nothing.")] = False,
 ) -> None:
@@ -112,7 +122,10 @@ def run(
     cfg = RunConfig(quants=quants, workloads=parse_workloads(workload),
                     batches=parse_batches(batch), out=run_dir, rule=rule, warmup_calls=warmup,
                     seed=seed, engine_mode=engine, gpu_memory_utilization=gpu_mem,
-                    budget_s=budget, timeout_s=timeout, energy=not no_energy)
+                    budget_s=budget, timeout_s=timeout, energy=not no_energy,
+                    profile={"enabled": in_situ, "decode_steps": max(1, profile_steps),
+                             "prefill_steps": max(1, profile_steps // 2),
+                             "keep_traces": keep_traces})
     runner = Runner(cfg, progress=lambda msg: err_console.print(f"[dim]{msg}[/]"))
     if dry_run:
         points = plan(cfg.workloads, cfg.batches)
@@ -181,3 +194,23 @@ def reconcile_cmd(
                   f(r.explained_fraction, ".0%"), f(r.remainder_j_per_token), interp)
     console.print(t)
     console.print("remainder: " + ", ".join(rows[0].remainder_parts) if rows else "")
+    profiled = [r for r in rows if r.in_situ]
+    if profiled:
+        s = Table(title="in situ (torch.profiler), us per token; energy split is an estimate")
+        for col in ("quant", "workload", "B", "phase", "linears predicted", "linears in situ",
+                    "pred/in situ", "attention", "other", "idle", "named+idle"):
+            s.add_column(col)
+        for r in profiled:
+            v = r.in_situ
+            if v.get("status") != "ok":
+                s.add_row(r.quant, r.workload, str(r.batch), r.phase, "-", "-", "-", "-", "-",
+                          "-", f"failed: {v.get('reason')}")
+                continue
+            rest = v["rest_s_per_token"]
+            s.add_row(r.quant, r.workload, str(r.batch), r.phase,
+                      f(r.predicted_s_per_token and r.predicted_s_per_token * 1e6),
+                      f(v["linear_s_per_token"] * 1e6), f(v.get("predicted_over_in_situ")),
+                      f(rest.get("attention", 0.0) * 1e6),
+                      f(sum(x for c, x in rest.items() if c != "attention") * 1e6),
+                      f(v["idle_s_per_token"] * 1e6), f(v.get("named_fraction"), ".0%"))
+        console.print(s)

@@ -17,7 +17,8 @@ from dqprof.fullmodel.reconcile import QUANT_BACKEND, reconcile, stand_ins
 from dqprof.models.shapes import LinearShape
 
 GROUP_ORDER = ("attn.qkv", "attn.o", "mlp.gate_up", "mlp.down", "ple", "lm_head")
-SHORT = {"bitsandbytes": "bnb", "gptq_marlin": "gptq", "awq_marlin": "awq"}  # tick labels
+SHORT = {"bitsandbytes": "bnb", "gptq_marlin": "gptq", "awq_marlin": "awq",
+         "dqprof_nf4": "dq-nf4"}  # tick labels
 
 
 def plot_reconciliation(model_records: list[dict[str, Any]],
@@ -75,6 +76,63 @@ def plot_reconciliation(model_records: list[dict[str, Any]],
     fig.tight_layout(rect=(0, 0.03, 0.9, 1))
     if handles:
         fig.legend(handles[::-1], names[::-1], fontsize=8, loc="center right")
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def step_parts(profile: dict[str, Any]) -> dict[str, float]:
+    """A profiled step's seconds as the figure stacks them: linear groups, attention,
+    other (every other category), idle."""
+    parts = {f"linear {g}": v for g, v in (profile.get("linear_by_group") or {}).items()}
+    cats = profile.get("categories") or {}
+    parts["attention"] = cats.get("attention", 0.0)
+    parts["other"] = sum(v for c, v in cats.items() if c != "attention")
+    parts["idle"] = profile.get("idle_s") or 0.0
+    return parts
+
+
+def plot_decode_steps(model_records: list[dict[str, Any]], workload: str | None = None,
+                      path: Path | None = None):
+    """The profiled decode step per (quantization, batch), stacked in ms: linears by group,
+    attention, other, idle; the bar's label names its batch. Returns the Figure (None when
+    no record holds an ok decode profile)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in model_records if r.get("status") == "ok"
+            and ((r.get("in_situ") or {}).get("decode") or {}).get("status") == "ok"]
+    if workload is None and rows:
+        workload = rows[0]["workload"]
+    rows = [r for r in rows if r["workload"] == workload]
+    if not rows:
+        return None
+    order = list(QUANT_BACKEND)
+    rows.sort(key=lambda r: (order.index(r["quant"]) if r["quant"] in order else len(order),
+                             r["batch"]))
+    parts = [step_parts(r["in_situ"]["decode"]) for r in rows]
+    groups = [f"linear {g}" for g in GROUP_ORDER]
+    names = [n for n in groups if any(n in p for p in parts)]
+    names += sorted({n for p in parts for n in p if n.startswith("linear ")} - set(names))
+    names += ["attention", "other", "idle"]
+    colors = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(rows) + 2), 4.8))
+    for x, p in enumerate(parts):
+        bottom = 0.0
+        for i, n in enumerate(names):
+            v = p.get(n, 0.0) * 1e3
+            style = ({"color": "none", "edgecolor": "grey", "hatch": "//"} if n == "idle"
+                     else {"color": "lightgrey" if n == "other" else colors(i % 10)})
+            ax.bar(x, v, bottom=bottom, label=n if x == 0 else None, **style)
+            bottom += v
+    ax.set_xticks(range(len(rows)), [f"{SHORT.get(r['quant'], r['quant'])}\nB={r['batch']}"
+                                     for r in rows], fontsize=7)
+    ax.set_ylabel("device time per decode step (ms)")
+    ax.set_title(f"decode step in situ, {workload}: kernels by part (torch.profiler)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig

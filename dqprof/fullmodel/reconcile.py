@@ -40,7 +40,10 @@ from dqprof.analysis.interp import value_at
 from dqprof.models.shapes import LinearShape
 
 QUANT_BACKEND = {"bf16": "bf16", "bitsandbytes": "bnb-nf4", "gptq_marlin": "marlin-gptq",
-                 "awq_marlin": "marlin-awq"}
+                 "awq_marlin": "marlin-awq", "dqprof_nf4": "triton-nf4",
+                 # vLLM's fp8 on sm_90: CUTLASS scaled_mm, per-tensor weights, per-token
+                 # dynamic activations (the sweep's fp8 path)
+                 "fp8": "fp8"}
 # (quantization, the linear kernel vLLM logged) -> the kernel profile's path
 KERNEL_BACKEND = {("gptq_marlin", "Machete"): "machete-gptq",
                   ("awq_marlin", "Machete"): "machete-awq"}
@@ -51,6 +54,8 @@ UNQUANTIZED_BACKEND = "bf16"
 REMAINDER = ("attention", "norms and activations", "embedding and PLE gathers", "sampling",
              "host and scheduler gaps")
 IDLE_PART = "idle power during all of it"
+ENERGY_SPLIT = ("estimate: the phase's measured J/token split by each part's share of the "
+                "profiled step's device time (idle included); no per-kernel energy")
 
 
 @dataclass(frozen=True)
@@ -215,9 +220,45 @@ class Reconciled:
     missing: list[str] = field(default_factory=list)
     by_group: dict[str, float] = field(default_factory=dict)
     proxies: dict[str, str] = field(default_factory=dict)  # kernel vLLM ran: stand-in
+    in_situ: dict[str, Any] | None = None  # in_situ_view of the profiled steps, or None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def in_situ_view(profile: dict[str, Any] | None, measured_j_per_token: float | None,
+                 predicted_s_per_token: float | None) -> dict[str, Any] | None:
+    """The profiled step per token: linears (measured, and predicted / measured), the rest
+    by category, idle and host time; energy per part as an estimate (ENERGY_SPLIT)."""
+    if not profile:
+        return None
+    if profile.get("status") != "ok":
+        return {"status": profile.get("status", "failed"), "reason": profile.get("reason")}
+    tokens = profile.get("tokens_per_step")
+    span = profile.get("span_s")
+    if not tokens or not span:
+        return {"status": "failed", "reason": "profile lacks tokens per step or its span"}
+
+    def per_token(v: float | None) -> float | None:
+        return v / tokens if v is not None else None
+
+    groups = {g: v / tokens for g, v in (profile.get("linear_by_group") or {}).items()}
+    rest = {c: v / tokens for c, v in (profile.get("categories") or {}).items()}
+    idle = per_token(profile.get("idle_s")) or 0.0
+    linear = sum(groups.values())
+    parts = {**{f"linear {g}": v for g, v in groups.items()}, **rest, "idle": idle}
+    span_pt = span / tokens
+    energy = ({k: measured_j_per_token * v / span_pt for k, v in parts.items()}
+              if measured_j_per_token is not None else {})
+    return {"status": "ok", "linear_s_per_token": linear,
+            "linear_by_group_s_per_token": groups, "rest_s_per_token": rest,
+            "idle_s_per_token": idle, "span_s_per_token": span_pt,
+            "host_s_per_token": per_token(profile.get("host_s")),
+            "predicted_over_in_situ": (predicted_s_per_token / linear
+                                       if predicted_s_per_token and linear else None),
+            "named_fraction": profile.get("named_fraction"),
+            "assignment": profile.get("assignment"), "cut": profile.get("cut"),
+            "energy_j_per_token": energy, "energy_method": ENERGY_SPLIT}
 
 
 def stand_ins(rows: list[Reconciled]) -> list[str]:
@@ -250,11 +291,12 @@ def reconcile(model_records: list[dict[str, Any]], kernel_records: list[dict[str
             methods: dict[str, int] = {}
             for t in p.terms:
                 methods[t.method] = methods.get(t.method, 0) + 1
+            prof = (r.get("in_situ") or {}).get(phase)
             out.append(Reconciled(
                 r["quant"], r["workload"], r["batch"], phase, p.m, mj, pj,
                 pj / mj if mj and pj is not None else None,
                 mj - pj if mj is not None and pj is not None else None, ms, ps, idle_part,
                 list(REMAINDER) + ([] if above_idle else [IDLE_PART]),
                 "above_idle" if above_idle else "total", methods, p.missing, p.by_group(),
-                p.proxies))
+                p.proxies, in_situ_view(prof, mj, ps)))
     return out

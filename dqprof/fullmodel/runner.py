@@ -50,7 +50,11 @@ QUANTS: dict[str, tuple[str | None, str]] = {
     "bitsandbytes": ("bitsandbytes", "bf16"),  # NF4, quantized by vLLM at load
     "gptq_marlin": ("gptq_marlin", "gptq"),
     "awq_marlin": ("awq_marlin", "awq"),
+    # NF4 quantized at load like bitsandbytes, run by triton-nf4 (dqprof.fullmodel.plugin)
+    "dqprof_nf4": ("dqprof_nf4", "bf16"),
+    "fp8": ("fp8", "bf16"),  # per-tensor weights quantized at load, dynamic activations
 }
+POLL_S = 1.0  # how often the runner looks at a worker's phase
 MIN_WORKER_S = 60.0  # below this a worker cannot even start an engine
 KILL_GRACE_S = 60.0  # past its share, a worker finishing a point is given this long
 # the backslash keeps rich (dqprof.cli.main prints errors as markup) from eating "[vllm]"
@@ -72,6 +76,7 @@ class RunConfig:
     timeout_s: float = 1800.0  # per worker
     energy: bool = True
     worker_cmd: list[str] | None = None  # None: this Python, -m dqprof.fullmodel.worker
+    profile: dict[str, Any] = field(default_factory=dict)  # stepprof.ProfileOptions fields
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -100,6 +105,48 @@ def check_quant(quant: str, info: CheckpointInfo) -> None:
     if info.format != need:
         has = "bf16 (no quantization_config)" if info.format == "bf16" else info.format.upper()
         raise DqprofError(f"--quant {quant} runs on a {need} checkpoint; {info.path} is {has}")
+
+
+def _read_info(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # not written yet
+        return {}
+
+
+class PhaseDisplay:
+    """One progress line per phase of a worker (loading, quantizing, compiling, warming up,
+    measuring, profiling), with an ETA for the quantization once a point has finished."""
+
+    def __init__(self, quant: str, points: int, emit: Callable[[str], None],
+                 engine_start_s: float | None = None):
+        self.quant, self.points, self.emit = quant, points, emit
+        self.engine_start_s = engine_start_s
+        self.last: str | None = None
+        self.measuring_since: float | None = None
+
+    def eta_s(self, info: dict[str, Any], elapsed_s: float) -> float | None:
+        done = info.get("points_done") or 0
+        phase = str(info.get("phase", ""))
+        if phase.startswith(("measuring", "profiling")):
+            if self.measuring_since is None:
+                self.measuring_since = elapsed_s
+            if done:
+                per = (elapsed_s - self.measuring_since) / done
+                return per * (self.points - done)
+            return None
+        if self.engine_start_s is not None and phase not in ("done", ""):
+            return max(0.0, self.engine_start_s - elapsed_s)  # until the engine is up
+        return None
+
+    def update(self, info: dict[str, Any], elapsed_s: float) -> None:
+        phase = info.get("phase")
+        if not phase or phase == self.last:
+            return
+        self.last = phase
+        eta = self.eta_s(info, elapsed_s)
+        self.emit(f"{self.quant}: {phase} ({elapsed_s:.0f} s in"
+                  + (f", ETA {eta / 60:.1f} min" if eta is not None else "") + ")")
 
 
 def failure_reason(log_tail: str, rc: int | None, timed_out: bool, timeout_s: float) -> str:
@@ -134,6 +181,7 @@ class Runner:
             raise DqprofError(f"--engine {cfg.engine_mode}: choose {', '.join(ENGINE_MODES)}")
         self.cfg, self.progress = cfg, progress or (lambda msg: None)
         self.points = plan(cfg.workloads, cfg.batches)
+        self.engine_start_s: float | None = None  # the last worker's, for the ETA
         self.infos: dict[Path, CheckpointInfo] = {}
         for quant, path in cfg.quants:  # every check before any engine starts
             if path not in self.infos:
@@ -144,6 +192,10 @@ class Runner:
         cfg = self.cfg
         if cfg.worker_cmd is None and importlib.util.find_spec("vllm") is None:
             raise DqprofError(VLLM_HINT, exit_code=3)
+        if cfg.worker_cmd is None and any(q == "dqprof_nf4" for q, _ in cfg.quants):
+            from dqprof.fullmodel.plugin import check_triton
+
+            check_triton()
         start = time.time()
         out = Path(cfg.out)
         info = read_run(out) or {"schema": SCHEMA_VERSION, "kind": "model", "created": _now()}
@@ -200,7 +252,7 @@ class Runner:
             engine={**limits, "mode": self.cfg.engine_mode,
                     "gpu_memory_utilization": self.cfg.gpu_memory_utilization},
             deadline=deadline, energy=self.cfg.energy,
-            info_path=str(out / "logs" / f"{quant}.info.json"))
+            info_path=str(out / "logs" / f"{quant}.info.json"), profile=dict(self.cfg.profile))
 
     def _run_worker(self, out: Path, quant: str, ck: CheckpointInfo, todo: list[Point],
                     share: float | None, left: float | None) -> dict[str, Any]:
@@ -222,12 +274,18 @@ class Runner:
             # own session: on timeout the whole group (compile workers too) is killed
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                     start_new_session=True)
-            try:
-                rc = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                os.killpg(proc.pid, signal.SIGKILL)
-                rc = proc.wait()
+            display = PhaseDisplay(quant, len(todo), self.progress, self.engine_start_s)
+            while True:
+                try:
+                    rc = proc.wait(timeout=POLL_S)
+                    break
+                except subprocess.TimeoutExpired:
+                    if time.time() - t0 > timeout:
+                        timed_out = True
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        rc = proc.wait()
+                        break
+                    display.update(_read_info(Path(spec.info_path)), time.time() - t0)
         recorded = {r["key"] for r in load_model_records(out)} if model_path(out).exists() \
             else set()
         missing = [p for p in todo
@@ -242,9 +300,9 @@ class Runner:
         winfo: dict[str, Any] = {"rc": rc, "timed_out": timed_out, "timeout_s": timeout,
                                  "wall_s": time.time() - t0, "log": str(log_path),
                                  "failure": reason}
-        ipath = Path(spec.info_path)
-        if ipath.exists():
-            winfo.update(json.loads(ipath.read_text()))
+        winfo.update(_read_info(Path(spec.info_path)))
+        if winfo.get("engine_start_s"):
+            self.engine_start_s = winfo["engine_start_s"]
         return winfo
 
     def _fill(self, out: Path, ck: CheckpointInfo, quant: str, points: list[Point],

@@ -28,6 +28,10 @@ _RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("gemm", re.compile(r"gemm|gemv|nvjet|xmma|cutlass|marlin|machete|tinygemm|int4pack|"
                         r"matmul|wgmma|splitK|sm\d\d_|ampere_|hopper_|nf4_mm|nf4_gemv|gemlite",
                         re.I)),
+    # torch.compile's fused kernels named after a gather they hold (vLLM's PLE lookup,
+    # triton_poi_fused_embedding_mul_0): gathers, before the pointwise rule takes them
+    ("gather", re.compile(r"^triton_(poi|red|per)_fused_\w*?(embedding|index_select|gather)",
+                          re.I)),
     # norms, activations and torch.compile's fused pointwise/reduction kernels (whose names
     # often hold "_to_copy": so before the copy rule)
     ("norm/elementwise", re.compile(r"norm|rsqrt|triton_(poi|red|per)_|act_and_mul|gelu|silu",
