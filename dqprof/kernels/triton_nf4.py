@@ -72,6 +72,8 @@ _PLAIN_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 # triton.language, bound by _kernels() on first use: no module here imports an optional
 # package at import time, and the kernels below resolve ``tl`` through this module's globals.
 tl: Any = None
+_DECODE8: Any = None  # the PTX below, as tl.constexpr (bound with tl)
+_LOAD_X8: Any = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -525,7 +527,8 @@ def nf4_matmul(st: Nf4State, x: torch.Tensor, cfg: TileConfig) -> torch.Tensor:
             k // 64, st.offset, x.stride(0), n, m * n)
     if cfg.kernel == "gemv":
         kern.gemv[(_cdiv(n, cfg.block_n), cfg.split_k)](
-            *args, *_split_address(st.lut), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            *args, *_split_address(st.lut), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k,
             SPLIT_K=cfg.split_k, NESTED=st.nested, ASM=x.is_cuda, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages)
     else:
