@@ -2,12 +2,13 @@
 
     python tests/triton_compile_check.py [--quick] [--asm] [--variant OPTS] [--arch 90] [-j N]
 
-Compiles ``_nf4_mm_kernel`` (and the split-K reduction) ahead of time for ``--arch`` (sm_90 by
-default) with the installed triton, for every Gemma 4 E4B linear shape and every M of the sweep
-(1, 2, 4, ..., 4096 and 600), with the argument specialization triton's launcher would derive
-on the GPU (16-divisible integers and pointers, integers equal to 1 as constants), for the
-heuristic and for the regression gate's forced ``block_n=16,block_k=32`` (``--variant``: any
-spec's options instead). No torch and no driver: the kernels and ``tile_config`` are read out
+Compiles ``_nf4_gemv_kernel`` and ``_nf4_mma_kernel`` (and the split-K reduction) ahead of
+time for ``--arch`` (sm_90 by default) with the installed triton, for every Gemma 4 E4B linear
+shape and every M of the sweep (1, 2, 4, ..., 4096 and 600), with the argument specialization
+triton's launcher would derive on the GPU (16-divisible integers and pointers, integers equal
+to 1 as constants), for the heuristic, the tensor-core kernel forced at every M
+(``kernel=mma``) and the plain fp16 statistics (``stats=fp16``) (``--variant``: any spec's
+options instead). No torch and no driver: the kernels and ``tile_config`` are read out
 of ``dqprof/kernels/triton_nf4.py``, so this runs in a bare ``pip install triton numpy`` venv
 (to try another triton version) as well as on the GPU machine (a pre-flight before a sweep).
 ``--quick`` compiles each distinct tile config once instead of every argument specialization;
@@ -38,7 +39,10 @@ GEMMA4_E4B = ((3072, 2560), (2560, 2048), (6144, 2560), (2560, 4096), (20480, 25
               (2560, 10240), (256, 2560), (2560, 256), (10752, 2560))
 SWEEP_M = tuple(1 << i for i in range(13)) + (600,)
 tl: Any = None  # triton.language, bound by main() (the probe kernel resolves it here)
-_NEEDED = ("BLOCKSIZE", "TileConfig", "tile_config", "_nf4_mm_kernel", "_nf4_mm_splitk_reduce")
+# the jitted helpers the kernels call by name, and the inline PTX they take as constexprs
+HELPERS = ("_nf4_absmax", "_nf4_levels", "_nf4_decode8", "_nf4_load_x8", "_nf4_word_dot")
+_NEEDED = ("BLOCKSIZE", "TileConfig", "tile_config", "_nf4_gemv_kernel", "_nf4_mma_kernel",
+           "_nf4_splitk_reduce", "_DECODE8_PTX", "_LOAD_X8_PTX", *HELPERS)
 
 
 def _stdlib_import(node: ast.Import | ast.ImportFrom) -> bool:
@@ -79,6 +83,12 @@ def load(triton_language: Any = None, path: Path = KERNEL_FILE) -> dict[str, Any
     if missing:
         raise RuntimeError(f"{path}: could not define {', '.join(missing)} without its imports")
     ns.update(tl=triton_language)  # the kernels resolve ``tl`` here when compiled
+    if triton_language is not None:  # what triton_nf4._kernels() binds on first use
+        import triton
+
+        ns.update(_DECODE8=triton_language.constexpr(ns["_DECODE8_PTX"]),
+                  _LOAD_X8=triton_language.constexpr(ns["_LOAD_X8_PTX"]))
+        ns.update({name: triton.jit(ns[name]) for name in HELPERS})
     return ns
 
 
@@ -91,7 +101,7 @@ def _int_spec(v: int) -> tuple[str, Any]:
 
 @dataclass(frozen=True)
 class Job:
-    kernel: str  # "mm" or "reduce"
+    kernel: str  # "gemv", "mma" or "reduce"
     signature: tuple[tuple[str, str], ...]
     constexprs: tuple[tuple[str, Any], ...]
     divisible: tuple[str, ...]
@@ -102,27 +112,34 @@ class Job:
         c = dict(self.constexprs)
         if self.kernel == "reduce":
             return f"reduce SPLIT_K={c['SPLIT_K']}"
-        ints = ",".join(f"{k}={v}" for k, v in self.constexprs if k[0] in "MNKs")
-        absmax = dict(self.signature)["absmax_ptr"][1:]
-        return (f"mm absmax={absmax} BM={c['BLOCK_M']} BN={c['BLOCK_N']} BK={c['BLOCK_K']} "
-                f"SK={c['SPLIT_K']} EVEN_K={c['EVEN_K']} w={self.num_warps} "
+        ints = ",".join(f"{k}={v}" for k, v in self.constexprs if not k.isupper())
+        stats = "nested" if c["NESTED"] else dict(self.signature)["a_ptr"][1:]
+        group = f" GN={c['GROUP_N']}" if "GROUP_N" in c else ""
+        return (f"{self.kernel} stats={stats} BM={c['BLOCK_M']} BN={c['BLOCK_N']} "
+                f"BK={c['BLOCK_K']} SK={c['SPLIT_K']}{group} w={self.num_warps} "
                 f"s={self.num_stages}" + (f" [{ints}]" if ints else ""))
 
 
-AUTO = {"block_m": 0, "block_n": 0, "block_k": 0, "split_k": 0, "num_warps": 0,
-        "num_stages": 0, "absmax": "fp16"}
-# what the sweep and the GPU tests run: the heuristic, and the regression gate's forced tile
-VARIANTS = ("", "block_n=16,block_k=32")
+AUTO = {"kernel": "", "block_m": 0, "block_n": 0, "block_k": 0, "split_k": 0, "num_warps": 0,
+        "num_stages": 0, "stats": "nested"}
+STRING_OPTS = ("kernel", "stats")
+# what the sweep and the GPU tests run: the heuristic, tensor cores at every M, plain stats
+VARIANTS = ("", "kernel=mma", "stats=fp16")
+STATS_PTR = {"nested": "*u8", "fp16": "*fp16", "fp32": "*fp32"}
+# a stand-in for the level table's address words: the low word is 64-byte aligned
+LUT_LO, LUT_HI = 0x1234_5640, 0x7F3A
 
 
 def parse_variant(text: str) -> dict[str, Any]:
-    """``"block_n=16,block_k=32"`` (a backend spec's options) -> the full options dict."""
+    """``"kernel=mma,block_k=64"`` (a backend spec's options) -> the full options dict."""
     opts = dict(AUTO)
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
         if key not in opts:
             raise SystemExit(f"unknown triton-nf4 option {key!r}")
-        opts[key] = value if key == "absmax" else int(value)
+        opts[key] = value if key in STRING_OPTS else int(value)
+    if opts["stats"] not in STATS_PTR:
+        raise SystemExit(f"unknown triton-nf4 stats {opts['stats']!r}")
     return opts
 
 
@@ -132,30 +149,40 @@ def jobs(ns: dict[str, Any], shapes=GEMMA4_E4B, ms=SWEEP_M, sms: int = 132,
     out: dict[Job, list[tuple[Any, ...]]] = {}
     for variant, (n, k), m in itertools.product(variants, shapes, ms):
         opts = parse_variant(variant)
-        absmax = opts["absmax"]
+        nested = opts["stats"] == "nested"
         cfg = ns["tile_config"](m, n, k, sms, opts)
-        ints = {"M": m, "N": n, "K": k, "stride_xm": k, "stride_xk": 1,
-                "stride_wn": k // 2, "stride_an": k // ns["BLOCKSIZE"], "stride_om": n,
-                "stride_on": 1, "stride_os": m * n}
+        # as nf4_matmul passes them: row strides in int32 words and in blocks, x's row stride,
+        # the output's row and split strides
+        ints = {"M": m, "N": n, "K": k, "kw": k // 8, "kb": k // ns["BLOCKSIZE"],
+                "stride_xm": k, "stride_om": n, "stride_os": m * n}
+        if cfg.kernel == "gemv":
+            ints.update(lut_lo=LUT_LO, lut_hi=LUT_HI)
         if quick:  # one specialization per tile config: M, N, K plain, strides as usual
             ints.update(M=17, N=17, K=17, stride_os=17)
-        sig = [("x_ptr", "*bf16"), ("w_ptr", "*u8"), ("absmax_ptr", f"*{absmax}"),
-               ("lut_ptr", "*fp16"), ("out_ptr", "*bf16" if cfg.split_k == 1 else "*fp32")]
+        a_ptr = STATS_PTR[opts["stats"]]
+        # plain statistics: nf4_matmul passes absmax and the level table for the unused ones
+        sig = [("x_ptr", "*bf16"), ("w_ptr", "*i32"), ("a_ptr", a_ptr),
+               ("a2_ptr", "*fp32" if nested else a_ptr), ("code2_ptr", "*fp32"),
+               ("lut_ptr", "*fp32"), ("out_ptr", "*bf16" if cfg.split_k == 1 else "*fp32")]
         consts: list[tuple[str, Any]] = []
-        div = ["x_ptr", "w_ptr", "absmax_ptr", "lut_ptr", "out_ptr"]
+        div = [name for name, _ in sig]
         for name, v in ints.items():
+            if name == "stride_xm":  # the kernels take the fp32 nested offset before strides
+                sig.append(("offset", "fp32"))
             ty, attr = _int_spec(v)
             sig.append((name, ty))
             if ty == "constexpr":
                 consts.append((name, attr))
             elif attr:
                 div.append(name)
-        for name, v in (("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n),
-                        ("BLOCK_K", cfg.block_k), ("SPLIT_K", cfg.split_k),
-                        ("GROUP_M", cfg.group_m), ("EVEN_K", k % cfg.block_k == 0)):
+        tiles = [("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n), ("BLOCK_K", cfg.block_k),
+                 ("SPLIT_K", cfg.split_k)]
+        if cfg.kernel == "mma":
+            tiles.append(("GROUP_N", cfg.group_n))
+        for name, v in (*tiles, ("NESTED", nested), ("ASM", True)):
             sig.append((name, "constexpr"))
             consts.append((name, v))
-        job = Job("mm", tuple(sig), tuple(consts), tuple(div), cfg.num_warps,
+        job = Job(cfg.kernel, tuple(sig), tuple(consts), tuple(div), cfg.num_warps,
                   cfg.num_stages)
         out.setdefault(job, []).append((variant, m, n, k))
         if cfg.split_k > 1:
@@ -261,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90, 80")
     ap.add_argument("--quick", action="store_true", help="one compile per tile config")
     ap.add_argument("--variant", action="append", metavar="OPTS",
-                    help="backend options as in a spec, e.g. 'block_n=16,block_k=32' or '' "
+                    help="backend options as in a spec, e.g. 'kernel=mma,block_k=64' or '' "
                          f"for the heuristic (repeatable; default: {list(VARIANTS)})")
     ap.add_argument("--asm", action="store_true", help="summarize each compiled kernel")
     ap.add_argument("--kernel-file", type=Path, default=KERNEL_FILE,
@@ -284,8 +311,9 @@ def main(argv: list[str] | None = None) -> int:
                 variants=VARIANTS if args.variant is None else tuple(args.variant))
     _WORK.update(jobs=list(todo), arch=args.arch, asm=args.asm,
                  probe=triton.jit(_probe_kernel),
-                 kernels={"mm": triton.jit(ns["_nf4_mm_kernel"]),
-                          "reduce": triton.jit(ns["_nf4_mm_splitk_reduce"])})
+                 kernels={"gemv": triton.jit(ns["_nf4_gemv_kernel"]),
+                          "mma": triton.jit(ns["_nf4_mma_kernel"]),
+                          "reduce": triton.jit(ns["_nf4_splitk_reduce"])})
     print(f"triton {triton.__version__}, sm_{args.arch}: {len(todo)} compilations", flush=True)
     t0 = time.perf_counter()
     # Forked workers (nothing compiled in this process before the fork); a compiler crash
