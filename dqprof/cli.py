@@ -20,7 +20,7 @@ from rich.console import Console
 from dqprof.analysis.cli import report
 from dqprof.errors import DqprofError
 from dqprof.fullmodel.cli import model_app
-from dqprof.gate_cli import merge, regress
+from dqprof.gate.cli import merge, regress
 from dqprof.output import Col, FormatOpt, Rows, WideOpt, check_format, col, emit
 
 app = typer.Typer(

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from dqprof import regress as rg
 from dqprof.cli import app
+from dqprof.gate import compare as rg
 from dqprof.measure.energy import CHUNK_S, EnergyStats
 from dqprof.measure.timing import summarize
 from dqprof.results import RecordWriter, point_key, write_run

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from dqprof.gate.compare import load_side, run_json_for
 from dqprof.kernels import DEFAULT_BACKENDS, backend_names, create
 from dqprof.models.config import load_config
 from dqprof.models.shapes import linear_shapes, select_shapes
-from dqprof.regress import load_side, run_json_for
 from dqprof.results import point_key
 from dqprof.sweep import DEFAULT_M, QUICK_M, SweepConfig, load_suite
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dqprof.errors import DqprofError
-from dqprof.regress import read_json
+from dqprof.gate.compare import read_json
 from dqprof.results import (
     KERNELS_FILE,
     RUN_FILE,

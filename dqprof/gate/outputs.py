@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from xml.etree import ElementTree as ET
 
-from dqprof.regress import (
+from dqprof.gate.compare import (
     FAILED,
     IMPROVEMENT,
     MISSING,

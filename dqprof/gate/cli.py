@@ -1,5 +1,5 @@
 """The ``regress`` and ``merge`` commands; dqprof/cli.py registers them, the work lives in
-dqprof.regress and dqprof.merge.
+dqprof.gate.compare and dqprof.gate.merge.
 
 Both catch DqprofError themselves so that the documented exit codes (0 pass, 1 regression,
 2 unusable input) hold however the app is invoked, not only through ``cli.main``.
@@ -19,7 +19,7 @@ from rich.table import Table
 from dqprof.errors import DqprofError
 
 if TYPE_CHECKING:
-    from dqprof.regress import Report
+    from dqprof.gate.compare import Report
 
 console = Console()
 err_console = Console(stderr=True)
@@ -39,8 +39,8 @@ def _guard(fn: Callable[[], T]) -> T:
 
 
 def _table(report: Report, show_all: bool) -> Table:
-    from dqprof.regress import UNCHANGED
-    from dqprof.regress_output import describe, fmt_change
+    from dqprof.gate.compare import UNCHANGED
+    from dqprof.gate.outputs import describe, fmt_change
 
     style = {"regression": "bold red", "failed": "red", "improvement": "green",
              "missing": "yellow", "new": "yellow", "unchanged": "dim"}
@@ -60,8 +60,8 @@ def _table(report: Report, show_all: bool) -> Table:
 
 def _annotate(report: Report) -> None:
     """GitHub workflow commands: regressions and warnings show on the run's summary page."""
-    from dqprof.regress import FAILED, REGRESSION
-    from dqprof.regress_output import describe, fmt_change
+    from dqprof.gate.compare import FAILED, REGRESSION
+    from dqprof.gate.outputs import describe, fmt_change
 
     def esc(text: str) -> str:  # the workflow-command escaping of a message
         return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
@@ -97,8 +97,8 @@ def regress(
                                                   "it) instead of comparing.")] = False,
 ) -> None:
     """Gate a run against a baseline: exit 0 pass, 1 regression, 2 unusable input."""
-    from dqprof import regress as rg
-    from dqprof.regress_output import to_junit, to_markdown
+    from dqprof.gate import compare as rg
+    from dqprof.gate.outputs import to_junit, to_markdown
     from dqprof.results import write_atomic
 
     if update_baseline:
@@ -140,7 +140,7 @@ def merge(
                                         "configs anyway.")] = False,
 ) -> None:
     """Join run folders (shards of one sweep) into one; refuses mismatched runs (exit 2)."""
-    from dqprof.merge import merge_runs
+    from dqprof.gate.merge import merge_runs
 
     result = _guard(lambda: merge_runs(runs, out, force))
     for w in result.warnings:
