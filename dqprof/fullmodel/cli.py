@@ -56,12 +56,24 @@ def synth(
     opts = SynthOptions(fmt=fmt, layers=layers, vocab=vocab, kv_shared=kv_shared, seed=seed,
                         std=std, device=device, shard_bytes=int(shard_gb * 1e9),
                         shared_kv_weights=not no_shared_kv, force=force)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  console=err_console) as bar:
-        task = bar.add_task("tensors", total=None)
-        res = synthesize(model, out, opts,
-                         lambda done, total, name: bar.update(task, completed=done, total=total,
-                                                              description=name[-40:].ljust(40)))
+    # the bar starts with the first tensor: a bad model name or format is one line, no bar
+    bar: Progress | None = None
+    task = None
+
+    def progress(done: int, total: int, name: str) -> None:
+        nonlocal bar, task
+        if bar is None:
+            bar = Progress(TextColumn("{task.description}"), BarColumn(),
+                           MofNCompleteColumn(), console=err_console)
+            bar.start()
+            task = bar.add_task("tensors", total=total)
+        bar.update(task, completed=done, total=total, description=name[-40:].ljust(40))
+
+    try:
+        res = synthesize(model, out, opts, progress)
+    finally:
+        if bar is not None:
+            bar.stop()
     console.print(f"{res.path}: {res.name}, {res.format}, {res.layers} layers "
                   f"({res.kv_shared} KV-shared), vocab {res.vocab}, {len(res.shards)} shards, "
                   f"{res.total_bytes / 1e9:.2f} GB")
