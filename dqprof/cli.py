@@ -164,8 +164,8 @@ def bench(
     sweep = Sweep(cfg, run_dir, resume=resume, retry_failed=retry_failed)  # plan errors first
     weights = _point_weights(sweep, run_dir if resume else None, retry_failed)
     eta = Eta(sum(weights))
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), EtaColumn(eta), console=err_console,
+    with Progress(TextColumn("{task.description}"), BarColumn(bar_width=20),
+                  MofNCompleteColumn(), TimeElapsedColumn(), EtaColumn(eta), console=err_console,
                   transient=False) as bar:
         task = bar.add_task("measuring", total=None)
 
@@ -173,7 +173,9 @@ def bench(
 
         def progress(done: int, total: int, label: str) -> None:
             eta.advance(weights.pop(0) if weights else 1.0)
-            bar.update(task, completed=done, total=total, description=label[:48].ljust(48))
+            width = max(16, min(48, err_console.width - 52))  # the bar's line fits the width
+            bar.update(task, completed=done, total=total,
+                       description=label[:width].ljust(width))
             # CI logs are no terminal: a plain line every 30 s instead of a live bar
             if not err_console.is_terminal and time.monotonic() - last_line[0] > 30:
                 last_line[0] = time.monotonic()
