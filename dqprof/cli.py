@@ -16,12 +16,12 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from dqprof.analysis.cli import report
 from dqprof.errors import DqprofError
 from dqprof.fullmodel.cli import model_app
 from dqprof.gate.cli import merge, regress
+from dqprof.output import Col, FormatOpt, Rows, WideOpt, check_format, col, emit
 
 app = typer.Typer(
     help="Profile quantized GEMM paths (bf16, bitsandbytes NF4, Marlin int4, tinygemm, Triton) "
@@ -44,28 +44,38 @@ def _ints(text: str) -> tuple[int, ...]:
 
 @app.command()
 def shapes(model: ModelOpt = "gemma-4-e4b",
-           as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+           as_json: Annotated[bool, typer.Option("--json", help="Print every field of each "
+                                                 "shape as JSON.")] = False,
+           fmt: FormatOpt = "table", wide: WideOpt = False) -> None:
     """The model's linear layers as vLLM executes them, with calls per token."""
     from dqprof.models.config import load_config
     from dqprof.models.shapes import linear_shapes
 
+    check_format(fmt)
     cfg = load_config(model)
     rows = linear_shapes(cfg)
     if as_json:
         print(json.dumps([s.as_dict() for s in rows], indent=1))
         return
-    t = Table(title=f"{cfg.name}: linear layers per token ({cfg.source})")
-    for col in ("layer", "group", "N (out)", "K (in)", "shards", "calls/token", "quantized"):
-        t.add_column(col, justify="right" if col[0] in "NKc" else "left")
-    for s in rows:
-        pairs = zip(s.shard_names, s.shards, strict=True)
-        shards = " + ".join(f"{n}:{size}" for n, size in pairs) if len(s.shards) > 1 else ""
-        calls = f"{s.calls_per_token}" + (" (per sequence in prefill)" if s.per_sequence else "")
-        quant = "yes" if s.quantized else "bf16"
-        t.add_row(s.name, s.group, str(s.n), str(s.k), shards, calls, quant)
-    console.print(t)
     params = sum(s.n * s.k * s.calls_per_token for s in rows)
-    console.print(f"linear weights read per decode step: {params / 1e9:.2f} G parameters")
+    emit(shape_rows(cfg.name, cfg.source, rows, params), fmt, console, wide)
+
+
+def shape_rows(name: str, source: str, rows: list, params: int) -> Rows:
+    records = [{"layer": s.name, "group": s.group, "n": s.n, "k": s.k,
+                "shards": " + ".join(f"{n}:{size}" for n, size
+                                     in zip(s.shard_names, s.shards, strict=True))
+                if len(s.shards) > 1 else "",
+                "calls_per_token": s.calls_per_token, "per_sequence": s.per_sequence,
+                "quantized": s.quantized} for s in rows]
+    cols = [col("layer"), col("group"), col("n", "N (out)", num=True, short="N"),
+            col("k", "K (in)", num=True, short="K"), col("shards", optional=True),
+            Col("calls/token", lambda r: f"{r['calls_per_token']}"
+                + (" (per sequence in prefill)" if r["per_sequence"] else ""), short="calls"),
+            col("quantized", fmt=lambda q: "yes" if q else "bf16", short="quant")]
+    return Rows(list(records[0]) if records else [], records, cols,
+                title=f"{name}: linear layers per token ({source})",
+                notes=[f"linear weights read per decode step: {params / 1e9:.2f} G parameters"])
 
 
 def _default_run_dir(device: str) -> Path:
@@ -144,6 +154,7 @@ def bench(
         logging.getLogger("dqprof").setLevel(logging.DEBUG)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from dqprof.eta import Eta, EtaColumn
     from dqprof.sweep import QUICK_M, Sweep, SweepConfig, load_suite, parse_shard
 
     cfg = SweepConfig(device=device, hot=hot, l2_factor=l2_factor, seed=seed,
@@ -172,18 +183,25 @@ def bench(
     if gpus is not None:
         _bench_gpus(cfg, run_dir, gpus, resume, retry_failed)
     sweep = Sweep(cfg, run_dir, resume=resume, retry_failed=retry_failed)  # plan errors first
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=err_console, transient=False) as bar:
+    weights = _point_weights(sweep, run_dir if resume else None, retry_failed)
+    eta = Eta(sum(weights))
+    with Progress(TextColumn("{task.description}"), BarColumn(bar_width=20),
+                  MofNCompleteColumn(), TimeElapsedColumn(), EtaColumn(eta), console=err_console,
+                  transient=False) as bar:
         task = bar.add_task("measuring", total=None)
 
         last_line = [time.monotonic()]
 
         def progress(done: int, total: int, label: str) -> None:
-            bar.update(task, completed=done, total=total, description=label[:48].ljust(48))
+            eta.advance(weights.pop(0) if weights else 1.0)
+            width = max(16, min(48, err_console.width - 52))  # the bar's line fits the width
+            bar.update(task, completed=done, total=total,
+                       description=label[:width].ljust(width))
             # CI logs are no terminal: a plain line every 30 s instead of a live bar
             if not err_console.is_terminal and time.monotonic() - last_line[0] > 30:
                 last_line[0] = time.monotonic()
-                err_console.print(f"{done}/{total} points, last: {label}", highlight=False)
+                err_console.print(f"{done}/{total} points, {eta.text()}, last: {label}",
+                                  highlight=False)
 
         sweep.progress = progress
         counts = sweep.run()
@@ -276,24 +294,49 @@ def tune(
         h = f"{r['heuristic_s'] * 1e6:.2f}" if r["heuristic_s"] else "failed"
         t.add_row(r["layer"], str(r["m"]), h, f"{r['best_s'] * 1e6:.2f}", r["best"])
     console.print(t)
+def _point_weights(sweep, resumed_from: Path | None, retry_failed: bool) -> list[float]:
+    """What each point the sweep will report costs, in its order: 1 measured, 0 skipped
+    (backend unavailable here, shape unsupported): the ETA's pace is over measured points."""
+    from dqprof.results import kernels_path, load_records
+
+    done: set[str] = set()
+    if resumed_from is not None and kernels_path(resumed_from).exists():
+        done = {r["key"] for r in load_records(resumed_from)
+                if not (retry_failed and r["status"] == "failed")}
+    weights: list[float] = []
+    for g in sweep.groups:
+        skip = g.backend.unavailable(sweep.cfg.device) or g.backend.supports(g.shape)
+        weights += [0.0 if skip else 1.0 for key in g.keys if key not in done]
+    return weights
 
 
 @app.command()
-def backends() -> None:
-    """The registered GEMM paths, their options and whether they can run here."""
+def backends(fmt: FormatOpt = "table", wide: WideOpt = False) -> None:
+    """The registered GEMM paths: what each runs, its options, where it comes from (dqprof
+    or another package's `dqprof.backends` entry point) and whether it can run here."""
     import torch
 
-    from dqprof.kernels import backend_names, create
+    from dqprof.kernels import backend_names, backend_origin, create, load_failures
 
+    check_format(fmt)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    t = Table(title=f"backends (availability on {device})")
-    for col in ("name", "what it runs", "options", "here"):
-        t.add_column(col)
+    records = []
     for name in backend_names():
         b = create(name)
-        opts = ", ".join(f"{k}={v}" for k, v in b.options.items())
-        t.add_row(name, b.description, opts, b.unavailable(device) or "ok")
-    console.print(t)
+        records.append({"name": name, "description": b.description,
+                        "options": ", ".join(f"{k}={v}" for k, v in b.options.items()),
+                        "origin": backend_origin(name), "loaded": True,
+                        "here": b.unavailable(device) or "ok"})
+    for where, why in load_failures().items():  # entry points that gave no backend
+        records.append({"name": where.split(" = ")[0].removeprefix("entry point "),
+                        "description": "", "options": "", "origin": where, "loaded": False,
+                        "here": f"not loaded: {why}"})
+    cols = [col("name"), col("description", "what it runs", optional=True),
+            col("options", optional=True), col("origin", "from"),
+            Col(f"on {device}", lambda r: r["here"],
+                style=lambda r: "" if r["here"] == "ok" else "yellow")]
+    emit(Rows(list(records[0]), records, cols, title=f"backends (availability on {device})"),
+         fmt, console, wide)
 
 
 @app.command()

@@ -15,13 +15,12 @@ import os
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from dqprof.errors import DqprofError
 from dqprof.kernels import Backend, parse_backends
@@ -520,4 +519,4 @@ def _err(e: BaseException) -> str:
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

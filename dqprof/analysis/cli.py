@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from dqprof.output import FormatOpt, Rows, WideOpt, check_format, col, emit
 
 SHOWN = 8  # left-out notes printed on the terminal; summary.md lists them all
 
@@ -17,9 +20,12 @@ def report(
              "variant), against the first.", show_default=False)] = None,
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder: report.html, "
                                       "summary.md, plots as PNG and SVG.")] = Path("report"),
+    fmt: FormatOpt = "table",
+    wide: WideOpt = False,
 ) -> None:
     """Explain a profile: roofline, energy roofline, dequantization tax, per-layer energy per
-    token, break-even M; report.html + summary.md (works without a GPU)."""
+    token, break-even M; report.html + summary.md (works without a GPU). Prints all linears
+    per token against bf16 (--format csv|json|md: that table alone on stdout)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: never needs a display
@@ -27,11 +33,70 @@ def report(
 
     from dqprof.analysis.report import make_report
 
+    check_format(fmt)
     result = make_report(list(runs or []), out)
     console = Console()
-    console.print(f"{result.out}/report.html, summary.md and {len(result.files) - 2} more "
-                  f"files written")
+    note = console if fmt == "table" else Console(stderr=True)  # stdout: the data alone
+    emit(per_token_rows(result.analyses), fmt, console, wide)
+    note.print(f"{result.out}/report.html, summary.md and {len(result.files) - 2} more "
+               f"files written")
     for item in result.left_out[:SHOWN]:
-        console.print(f"[yellow]left out:[/] {item}", highlight=False)
+        note.print(f"[yellow]left out:[/] {item}", highlight=False)
     if len(result.left_out) > SHOWN:
-        console.print(f"... and {len(result.left_out) - SHOWN} more left out: see summary.md")
+        note.print(f"... and {len(result.left_out) - SHOWN} more left out: see summary.md")
+
+
+def _scenario_key(label: str) -> str:
+    """'decode, batch 8' -> decode_b8; 'prefill, 2048 tokens' -> prefill_2048"""
+    words = label.replace(",", "").split()
+    return f"decode_b{words[-1]}" if words[0] == "decode" else f"prefill_{words[1]}"
+
+
+def per_token_rows(analyses: list) -> Rows:
+    """All linears per token in each scenario, per path, and its ratio to bf16: energy where
+    the run measured it, else time (the report's first table)."""
+    from dqprof.analysis import fmt
+    from dqprof.analysis.breakdown import SCENARIOS, totals
+    from dqprof.analysis.frame import reference_of
+
+    records = []
+    for a in analyses:
+        metric = a.metrics[-1]
+        tabs = {sc: totals(rows) for sc, rows in a.per_token[metric].items()}
+        refs = reference_of(a.points)
+        for s in a.series:
+            r = {"run": a.run.label, "path": s, "metric": metric}
+            for sc in SCENARIOS:
+                t = tabs.get(sc)
+                have = t is not None and not t.empty and s in t.index
+                v = float(t.loc[s, "total"]) if have else None
+                ref = (float(t.loc[refs[s], "total"]) if have and refs[s] in t.index
+                       else None)
+                key = _scenario_key(sc.label)
+                r[f"{key}_per_token"] = v
+                r[f"{key}_vs_bf16"] = v / ref if v is not None and ref else None
+            if any(r[f"{_scenario_key(sc.label)}_per_token"] is not None for sc in SCENARIOS):
+                records.append(r)
+    metric = analyses[0].metrics[-1] if analyses else "energy_j"
+    unit = fmt.mj if metric == "energy_j" else fmt.us
+
+    def ratio(v: float | None) -> str:
+        return fmt.ratio(v if v is not None else math.nan)
+
+    def value(v: float | None) -> str:
+        return unit(v if v is not None else math.nan)
+
+    cols = ([col("run")] if len(analyses) > 1 else []) + [col("path")]
+    for sc in SCENARIOS:
+        key, short = _scenario_key(sc.label), sc.label.replace("decode, batch ", "B=")
+        short = short.replace("prefill, ", "prefill ").replace(" tokens", "")
+        cols.append(col(f"{key}_vs_bf16", f"{sc.label} ×bf16", fmt=ratio, num=True,
+                        short=f"{short} ×bf16"))
+    for sc in SCENARIOS:
+        key, short = _scenario_key(sc.label), sc.label.replace("decode, batch ", "B=")
+        short = short.replace("prefill, ", "prefill ").replace(" tokens", "")
+        cols.append(col(f"{key}_per_token", f"{sc.label} per token", fmt=value, num=True,
+                        short=f"{short} per token", optional=True))
+    word = "energy" if metric == "energy_j" else "time"
+    return Rows(list(records[0]) if records else [], records, cols,
+                f"all linear layers per token, {word} against bf16")

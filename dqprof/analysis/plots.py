@@ -34,6 +34,19 @@ def palette(series: list[str]) -> dict[str, tuple]:
     return colours
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+DASHES = ("-", "--", ":", "-.")
+
+
+def line_styles(series: list[str]) -> dict[str, tuple[str, str]]:
+    """(marker, line style) per quantized series, no two alike: paths whose figures coincide
+    (Marlin and Machete on the same shapes, GPTQ and AWQ) stay distinguishable where their
+    lines lie on top of each other; hollow markers of different shapes show through."""
+    others = [s for s in series if not s.startswith(REFERENCE)]
+    return {s: (MARKERS[i % len(MARKERS)], DASHES[(i + i // len(MARKERS)) % len(DASHES)])
+            for i, s in enumerate(others)}
+
+
 def m_size(m: np.ndarray | pd.Series) -> np.ndarray:
     """Marker area growing with log2 M (M=1 small, M=4096 large)."""
     return 10 + 9 * np.log2(np.maximum(np.asarray(m, float), 1))
@@ -162,6 +175,7 @@ def per_shape(points: pd.DataFrame, metric: str, series: list[str], title: str =
     rows = max(1, math.ceil(len(layers) / cols))
     fig = figure(4.2 * cols, 3.2 * rows)
     colours = palette(series)
+    styles = line_styles(series)
     axes = fig.subplots(rows, cols, squeeze=False, sharex=True)
     ms = sorted(m for m in ok["m"].unique() if m > 0)
     for ax, layer in zip(axes.flat, layers, strict=False):
@@ -175,9 +189,10 @@ def per_shape(points: pd.DataFrame, metric: str, series: list[str], title: str =
                            label=f"{s} (dequantize alone)")
                 continue
             ref = s.startswith(REFERENCE)
-            ax.plot(q["m"], q[metric] * scale, marker="o", ms=3, color=colours[s],
-                    lw=2.2 if ref else 1.2, ls="--" if ref else "-",
-                    label=f"{s} (reference)" if ref else s)
+            marker, dash = ("o", "--") if ref else styles[s]
+            ax.plot(q["m"], q[metric] * scale, marker=marker, ms=3 if ref else 5,
+                    mfc="none" if not ref else colours[s], color=colours[s],
+                    lw=2.2 if ref else 1.2, ls=dash, label=f"{s} (reference)" if ref else s)
         ax.set_xscale("log", base=2)
         log_axis(ax, "y")
         m_ticks(ax, ms)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -27,6 +27,7 @@ class ReportResult:
     out: Path
     files: list[Path]
     left_out: list[str]
+    analyses: list[Analysis] = field(default_factory=list)  # what the terminal summary shows
 
 
 def _slug(text: str) -> str:
@@ -89,7 +90,7 @@ def make_report(paths: list[Path | str] | None, out: Path | str) -> ReportResult
     md.write_text(docs.to_markdown(document))
     title = document.blocks[0].text if document.blocks else "dqprof report"
     html.write_text(docs.to_html(document, title))
-    return ReportResult(out, [html, md] + files, _left_out(document))
+    return ReportResult(out, [html, md] + files, _left_out(document), analyses)
 
 
 def _format_path_csv(a: Analysis, path: Path) -> list[Path]:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
+
+from dqprof.output import FormatOpt, Rows, WideOpt, check_format, col, emit
 
 model_app = typer.Typer(
     help="Full-model runs: random-weight Gemma 4 checkpoints (bf16, GPTQ, AWQ), vLLM energy "
@@ -54,12 +56,24 @@ def synth(
     opts = SynthOptions(fmt=fmt, layers=layers, vocab=vocab, kv_shared=kv_shared, seed=seed,
                         std=std, device=device, shard_bytes=int(shard_gb * 1e9),
                         shared_kv_weights=not no_shared_kv, force=force)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  console=err_console) as bar:
-        task = bar.add_task("tensors", total=None)
-        res = synthesize(model, out, opts,
-                         lambda done, total, name: bar.update(task, completed=done, total=total,
-                                                              description=name[-40:].ljust(40)))
+    # the bar starts with the first tensor: a bad model name or format is one line, no bar
+    bar: Progress | None = None
+    task = None
+
+    def progress(done: int, total: int, name: str) -> None:
+        nonlocal bar, task
+        if bar is None:
+            bar = Progress(TextColumn("{task.description}"), BarColumn(),
+                           MofNCompleteColumn(), console=err_console)
+            bar.start()
+            task = bar.add_task("tensors", total=total)
+        bar.update(task, completed=done, total=total, description=name[-40:].ljust(40))
+
+    try:
+        res = synthesize(model, out, opts, progress)
+    finally:
+        if bar is not None:
+            bar.stop()
     console.print(f"{res.path}: {res.name}, {res.format}, {res.layers} layers "
                   f"({res.kv_shared} KV-shared), vocab {res.vocab}, {len(res.shards)} shards, "
                   f"{res.total_bytes / 1e9:.2f} GB")
@@ -105,6 +119,9 @@ def run(
                                               "Chrome traces (OUT/logs/traces/).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check checkpoints, print the "
                                           "plan, run nothing.")] = False,
+    fmt: Annotated[str, typer.Option("--format", help="The summary at the end: table, csv, "
+                                     "json or md.")] = "table",
+    wide: WideOpt = False,
 ) -> None:
     """Measure J/token, tokens/s and power in vLLM, one process per quantization."""
     from dqprof.fullmodel.runner import RunConfig, Runner, parse_quants
@@ -116,6 +133,7 @@ def run(
         plan,
     )
 
+    check_format(fmt)
     quants = parse_quants(quant, model)
     rule = WindowRule(min_s=window, min_ticks=min_ticks if window > 0 else 0)
     run_dir = out or Path("runs") / f"{dt.datetime.now():%Y%m%d-%H%M%S}-model"
@@ -137,8 +155,60 @@ def run(
         console.print(f"engine: {engine_limits(points)}")
         return
     counts = runner.run()
-    console.print(f"{run_dir}: {counts['ok']} ok, {counts['skipped']} skipped, "
-                  f"{counts['failed']} failed, {counts['already']} already recorded")
+    (console if fmt == "table" else err_console).print(
+        f"{run_dir}: {counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} "
+        f"failed, {counts['already']} already recorded")
+    print_run_summary(run_dir, fmt, wide)
+
+
+@model_app.command("summary")
+def summary_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="Model run folder (model.jsonl).")],
+    fmt: FormatOpt = "table",
+    wide: WideOpt = False,
+) -> None:
+    """The summary `model run` prints at its end: each quantization against bf16."""
+    from dqprof.errors import DqprofError
+    from dqprof.fullmodel.records import model_path
+
+    check_format(fmt)
+    if not model_path(run_dir).exists():
+        raise DqprofError(f"{run_dir}: no model.jsonl (not a `dqprof model run` folder)")
+    print_run_summary(run_dir, fmt, wide)
+
+
+def print_run_summary(run_dir: Path, fmt: str = "table", wide: bool = False) -> None:
+    """Each quantization against bf16 at the same workload and batch (model.jsonl's ok
+    records; nothing when there are none)."""
+    from dqprof.fullmodel.headline import relative_to_bf16
+    from dqprof.fullmodel.records import latest, load_model_records, model_path
+
+    if not model_path(run_dir).exists():
+        return
+    rel = relative_to_bf16(latest(load_model_records(run_dir)))
+    if rel:
+        emit(run_summary_rows(rel, f"{run_dir}: J/token and tokens/s against bf16"), fmt,
+             console, wide)
+
+
+def _ratio(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}×"
+
+
+def run_summary_rows(rel: list, title: str) -> Rows:
+    records = [{**asdict(r), "throttle": ", ".join(r.throttle)} for r in rel]
+    cols = [col("quant"), col("workload"), col("batch", "B", num=True), col("phase"),
+            col("j_per_token", "J/token", num=True),
+            col("j_vs_bf16", "J vs bf16", fmt=_ratio, num=True, short="J ×bf16"),
+            col("j_above_idle_vs_bf16", "above idle", fmt=_ratio, num=True, optional=True),
+            col("j_per_output_token_vs_bf16", "J/output token", fmt=_ratio, num=True,
+                optional=True),
+            col("tokens_per_s_vs_bf16", "tok/s vs bf16", fmt=_ratio, num=True,
+                short="tok/s ×bf16"),
+            col("throttle", optional=True)]
+    return Rows(list(records[0]) if records else [], records, cols, title,
+                ["J/token and tok/s of the phase the workload is made of (decode-heavy: "
+                 "decode; prefill-heavy: prompt tokens); J/output token: the whole call"])
 
 
 @model_app.command("reconcile")
@@ -149,7 +219,11 @@ def reconcile_cmd(
                                               "first record's checkpoint).")] = None,
     above_idle: Annotated[bool, typer.Option(help="Compare energy above idle.")] = False,
     plot: Annotated[Path | None, typer.Option(help="Also write the figure here.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print every field of each row "
+                                          "(terms by layer group, stand-ins) as JSON.")
+                       ] = False,
+    fmt: FormatOpt = "table",
+    wide: WideOpt = False,
 ) -> None:
     """Measured J/token vs the linear layers' energy predicted from a kernel profile."""
     from dqprof.errors import DqprofError
@@ -159,6 +233,7 @@ def reconcile_cmd(
     from dqprof.models.shapes import linear_shapes
     from dqprof.results import load_records
 
+    check_format(fmt)
     recs = latest(load_model_records(run_dir))
     ok = [r for r in recs if r["status"] == "ok"]
     if not ok:
@@ -178,39 +253,71 @@ def reconcile_cmd(
     if as_json:
         print(json.dumps([r.as_dict() for r in rows], indent=1))
         return
-    t = Table(title=f"linear layers predicted from {kernels} vs measured in {run_dir}")
-    for col in ("quant", "workload", "B", "phase", "M", "measured J/tok", "linear J/tok",
-                "explained", "remainder J/tok", "interp"):
-        t.add_column(col)
+    emit(reconcile_rows(rows, f"linear layers predicted from {kernels} vs measured in "
+                              f"{run_dir}"), fmt, console, wide)
+    if any(r.in_situ for r in rows):
+        emit(in_situ_rows(rows), fmt, console, wide)
 
-    def f(v: float | None, fmt: str = ".3g") -> str:
-        return "-" if v is None else format(v, fmt)
 
+def in_situ_rows(rows: list) -> Rows:
+    """The step measured in situ (torch.profiler) next to the kernel profile's prediction:
+    us per token; the energy split by device-time share is an estimate."""
+    records = []
+    for r in rows:
+        v = r.in_situ
+        if not v:
+            continue
+        ok = v.get("status") == "ok"
+        rest = v.get("rest_s_per_token") or {}
+        records.append({
+            "quant": r.quant, "workload": r.workload, "batch": r.batch, "phase": r.phase,
+            "linears_predicted_us": r.predicted_s_per_token and r.predicted_s_per_token * 1e6,
+            "linears_in_situ_us": v["linear_s_per_token"] * 1e6 if ok else None,
+            "predicted_over_in_situ": v.get("predicted_over_in_situ") if ok else None,
+            "attention_us": rest.get("attention", 0.0) * 1e6 if ok else None,
+            "other_us": sum(x for c, x in rest.items() if c != "attention") * 1e6
+            if ok else None,
+            "idle_us": v["idle_s_per_token"] * 1e6 if ok else None,
+            "named_fraction": v.get("named_fraction") if ok else None,
+            "failure": None if ok else v.get("reason")})
+    cols = [col("quant"), col("workload"), col("batch", "B", num=True), col("phase"),
+            col("linears_predicted_us", "linears predicted us", num=True, short="pred. us"),
+            col("linears_in_situ_us", "linears in situ us", num=True, short="in situ us"),
+            col("predicted_over_in_situ", "pred/in situ", num=True, short="p/i"),
+            col("attention_us", "attention us", num=True, short="attn us"),
+            col("other_us", "other us", num=True),
+            col("idle_us", "idle us", num=True),
+            col("named_fraction", "named+idle", fmt=_pct, num=True, short="named"),
+            col("failure", optional=True)]
+    title = "in situ (torch.profiler), us per token; energy split is an estimate"
+    return Rows(list(records[0]) if records else [], records, cols, title, [])
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{v:.0%}"
+
+
+def reconcile_rows(rows: list, title: str) -> Rows:
+    """One record per (quantization, workload, batch, phase): measured J/token, the linear
+    layers' predicted share, and how each term was found (``interp``)."""
+    records = []
     for r in rows:
         interp = ", ".join(f"{k} {v}" for k, v in sorted(r.methods.items()))
         interp += "".join(f"; {b} for {k}" for k, b in r.proxies.items())
-        t.add_row(r.quant, r.workload, str(r.batch), r.phase, str(r.m),
-                  f(r.measured_j_per_token), f(r.predicted_j_per_token),
-                  f(r.explained_fraction, ".0%"), f(r.remainder_j_per_token), interp)
-    console.print(t)
-    console.print("remainder: " + ", ".join(rows[0].remainder_parts) if rows else "")
-    profiled = [r for r in rows if r.in_situ]
-    if profiled:
-        s = Table(title="in situ (torch.profiler), us per token; energy split is an estimate")
-        for col in ("quant", "workload", "B", "phase", "linears predicted", "linears in situ",
-                    "pred/in situ", "attention", "other", "idle", "named+idle"):
-            s.add_column(col)
-        for r in profiled:
-            v = r.in_situ
-            if v.get("status") != "ok":
-                s.add_row(r.quant, r.workload, str(r.batch), r.phase, "-", "-", "-", "-", "-",
-                          "-", f"failed: {v.get('reason')}")
-                continue
-            rest = v["rest_s_per_token"]
-            s.add_row(r.quant, r.workload, str(r.batch), r.phase,
-                      f(r.predicted_s_per_token and r.predicted_s_per_token * 1e6),
-                      f(v["linear_s_per_token"] * 1e6), f(v.get("predicted_over_in_situ")),
-                      f(rest.get("attention", 0.0) * 1e6),
-                      f(sum(x for c, x in rest.items() if c != "attention") * 1e6),
-                      f(v["idle_s_per_token"] * 1e6), f(v.get("named_fraction"), ".0%"))
-        console.print(s)
+        records.append({"quant": r.quant, "workload": r.workload, "batch": r.batch,
+                        "phase": r.phase, "m": r.m, "basis": r.basis,
+                        "measured_j_per_token": r.measured_j_per_token,
+                        "predicted_j_per_token": r.predicted_j_per_token,
+                        "explained_fraction": r.explained_fraction,
+                        "remainder_j_per_token": r.remainder_j_per_token,
+                        "measured_s_per_token": r.measured_s_per_token,
+                        "predicted_s_per_token": r.predicted_s_per_token, "interp": interp})
+    cols = [col("quant"), col("workload"), col("batch", "B", num=True),
+            col("phase"), col("m", "M", num=True),
+            col("measured_j_per_token", "measured J/tok", num=True, short="meas. J/tok"),
+            col("predicted_j_per_token", "linear J/tok", num=True, short="linear J/tok"),
+            col("explained_fraction", "explained", fmt=_pct, num=True, short="expl."),
+            col("remainder_j_per_token", "remainder J/tok", num=True, short="rest J/tok"),
+            col("interp", optional=True)]
+    notes = ["remainder: " + ", ".join(rows[0].remainder_parts)] if rows else []
+    return Rows(list(records[0]) if records else [], records, cols, title, notes)

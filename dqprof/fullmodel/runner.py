@@ -164,7 +164,7 @@ def failure_reason(log_tail: str, rc: int | None, timed_out: bool, timeout_s: fl
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def _host_environment() -> dict[str, Any]:

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from dqprof.errors import DqprofError
+from dqprof.output import Col, FormatOpt, Rows, WideOpt, check_format, col, emit
 
 if TYPE_CHECKING:
     from dqprof.gate.compare import Report
@@ -38,24 +38,34 @@ def _guard(fn: Callable[[], T]) -> T:
         _fail(str(e), e.exit_code)
 
 
-def _table(report: Report, show_all: bool) -> Table:
+def _rows(report: Report, show_all: bool) -> Rows:
+    """The points that changed, failed or are missing (all with ``show_all``)."""
     from dqprof.gate.compare import UNCHANGED
     from dqprof.gate.outputs import describe, fmt_change
 
     style = {"regression": "bold red", "failed": "red", "improvement": "green",
              "missing": "yellow", "new": "yellow", "unchanged": "dim"}
-    t = Table(title="points that changed, failed or are missing" if not show_all else None,
-              title_justify="left")
-    t.add_column("point", no_wrap=True)  # whole keys: what people grep CI logs for
-    for col in ("verdict", "time", "Δ time (band)", "energy", "Δ energy (band)", "note"):
-        t.add_column(col, overflow="fold")
+    records, cells = [], {}
     for p in report.points:
         if p.status == UNCHANGED and not (show_all or p.note):
             continue
-        tc, ec = p.change("time"), p.change("energy")
-        t.add_row(p.key, f"[{style[p.status]}]{p.status}[/]", describe(tc), fmt_change(tc),
-                  describe(ec), fmt_change(ec), p.note)
-    return t
+        r: dict = {"point": p.key, "verdict": p.status}
+        for metric, unit in (("time", "s"), ("energy", "j")):
+            c = p.change(metric)
+            r |= {f"{metric}_base_{unit}": c and c.base, f"{metric}_current_{unit}": c and c.cur,
+                  f"{metric}_change": c and c.rel, f"{metric}_band": c and c.band}
+            cells[(p.key, metric)] = (describe(c), fmt_change(c))
+        records.append({**r, "note": p.note})
+    fields = list(records[0]) if records else []
+    cols = [col("point"), Col("verdict", lambda r: r["verdict"],
+                              style=lambda r: style[r["verdict"]])]
+    for metric in ("time", "energy"):
+        cols += [Col(metric, lambda r, m=metric: cells[(r["point"], m)][0], optional=True),
+                 Col(f"Δ {metric} (band)", lambda r, m=metric: cells[(r["point"], m)][1],
+                     short=f"Δ {metric}")]
+    cols.append(col("note", fmt=str))
+    return Rows(fields, records, cols, "points that changed, failed or are missing"
+                if not show_all else "")
 
 
 def _annotate(report: Report) -> None:
@@ -98,6 +108,8 @@ def regress(
     per_board: Annotated[bool, typer.Option(help="With --update-baseline: --baseline is a "
                                             "folder of one <board UUID>.jsonl per board; "
                                             "regress picks the current board's file.")] = False,
+    fmt: FormatOpt = "table",
+    wide: WideOpt = False,
 ) -> None:
     """Gate a run against a baseline: exit 0 pass, 1 regression, 2 unusable input."""
     from dqprof.gate import compare as rg
@@ -114,6 +126,7 @@ def regress(
             console.print(f"{baseline}/{uuid}.jsonl: baseline written from {current} ({n} ok "
                           f"records)", highlight=False)
         return
+    _guard(lambda: check_format(fmt))
     if update_baseline:
         n = _guard(lambda: rg.write_baseline(current, baseline))
         console.print(f"{baseline}: baseline written from {current} ({n} ok records; "
@@ -129,19 +142,18 @@ def regress(
     report = _guard(lambda: rg.run_regress(baseline, current, gate))
     for w in report.warnings:
         err_console.print(f"[bold yellow]WARNING:[/] {w}", highlight=False, soft_wrap=True)
-    # CI logs are no terminal: rich would fall back to 80 columns and fold every row
-    out = console if console.is_terminal else Console(width=200)
-    table = _table(report, show_all)
-    if table.row_count:
-        out.print(table)
-    if os.environ.get("GITHUB_ACTIONS") == "true":
+    rows = _rows(report, show_all)
+    if rows.records or fmt != "table":  # CI logs (no terminal): rows at their whole width
+        emit(rows, fmt, console, wide)
+    if os.environ.get("GITHUB_ACTIONS") == "true" and fmt == "table":
         _annotate(report)
     if junit is not None:
         write_atomic(junit, to_junit(report))
     if summary is not None:
         write_atomic(summary, to_markdown(report))
-    console.print(report.headline(), style="bold red" if report.exit_code else "bold green",
-                  highlight=False)
+    (console if fmt == "table" else err_console).print(  # csv/json/md: stdout holds data only
+        report.headline(), style="bold red" if report.exit_code else "bold green",
+        highlight=False)
     raise typer.Exit(report.exit_code)
 
 
