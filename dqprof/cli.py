@@ -168,7 +168,7 @@ def bench(
     if m is not None:
         cfg.m = _ints(m)
     if energy_precision is not None:
-        from dqprof.regress import parse_fraction
+        from dqprof.gate.compare import parse_fraction
 
         try:
             cfg.energy_precision = parse_fraction(energy_precision)
@@ -287,13 +287,14 @@ def tune(
     table = tuning.tune(model, shapes, buckets, stats, log_path, progress)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(table, indent=1) + "\n")
-    t = Table(title=f"triton-nf4 tuned on {table['gpu']} -> {output}")
-    for col in ("layer", "M", "heuristic us", "tuned us", "tuned config"):
-        t.add_column(col, justify="left" if col in ("layer", "tuned config") else "right")
-    for r in tuning.summarize(log_path):
-        h = f"{r['heuristic_s'] * 1e6:.2f}" if r["heuristic_s"] else "failed"
-        t.add_row(r["layer"], str(r["m"]), h, f"{r['best_s'] * 1e6:.2f}", r["best"])
-    console.print(t)
+    us = lambda v: "failed" if v is None else f"{v * 1e6:.2f}"  # noqa: E731
+    cols = [col("layer"), col("m", "M", num=True),
+            col("heuristic_s", "heuristic us", fmt=us, num=True, short="heur. us"),
+            col("best_s", "tuned us", fmt=us, num=True), col("best", "tuned config")]
+    records = list(tuning.summarize(log_path))
+    emit(Rows(list(records[0]) if records else [], records, cols,
+              f"triton-nf4 tuned on {table['gpu']} -> {output}", []), "table", console, False)
+
 def _point_weights(sweep, resumed_from: Path | None, retry_failed: bool) -> list[float]:
     """What each point the sweep will report costs, in its order: 1 measured, 0 skipped
     (backend unavailable here, shape unsupported): the ETA's pace is over measured points."""

@@ -213,7 +213,7 @@ def gather(run_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 class Runner:

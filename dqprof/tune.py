@@ -136,7 +136,7 @@ def tune(model: str, shapes_filter: str | None, buckets: tuple[int, ...], stats:
     # past the last bucket falls back to the heuristic
     return {"schema": 1, "gpu": torch.cuda.get_device_name(dev), "sms": sms,
             "stats": stats, "triton": _triton_version(), "torch": torch.__version__,
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "buckets": list(buckets),
             "entries": sorted(entries, key=lambda e: (e["n"], e["k"], e["m_max"]))}
 

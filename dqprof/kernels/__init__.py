@@ -33,8 +33,7 @@ def register(cls: type[Backend]) -> type[Backend]:
 
 def _load_all() -> None:
     # Importing a module registers its backends; none imports an optional package at import time.
-    from dqprof.kernels import (  # noqa: F401
-        bf16, bnb, fp8, gemlite, machete, marlin, tinygemm, triton_nf4)
+    from dqprof.kernels import bf16, bnb, fp8, gemlite, machete, marlin, tinygemm, triton_nf4  # noqa: F401
     _discover()
 
 
