@@ -4,7 +4,9 @@
 #   B: (part_01)  nothing else
 #   C: (part_02 + unpack)  energy check incl. Machete, GPU tests of the new paths, and
 #      bnb-nf4 / marlin / machete / fp8 / gemlite vs triton-nf4 and bf16 with energy
-# Results: $OUT/<step>.tar.gz and logs.  bash scripts/gpu_final.sh A|C
+#   D: (no bundle)  after the counter-read deadline fix and GEMV v3: idle share of the energy
+#      window and triton-nf4 at M <= 4 (tuned table and heuristic), then triton-nf4's GPU tests
+# Results: $OUT/<step>.tar.gz and logs.  bash scripts/gpu_final.sh A|C|D
 set -uo pipefail
 export PYTHONPATH=${GPU_SITE:-/tmp/gpu-site}:$PWD PYTHONUNBUFFERED=1
 R=/tmp/final; mkdir -p $R
@@ -29,5 +31,13 @@ C)
   timeout 90 python3 -m pytest -q -m gpu tests/test_gpu_paths.py -x -k "not gemlite" > $R/paths-tests.log 2>&1; echo "path tests rc=$?"
   tail -4 $R/paths-tests.log
   tar -C $R -czf "$OUT/c.tar.gz" c paths energy-check.log paths.log gemlite.log paths-tests.log ;;
+D)
+  nvidia-smi --query-gpu=name,uuid,power.limit,temperature.gpu --format=csv
+  timeout 130 python3 -m dqprof bench --backends "bf16,tinygemm-int4,triton-nf4,triton-nf4[tuned=false]" \
+    --shapes "$SL" --m 1,2,4 -o $R/d > $R/d.log 2>&1; echo "D bench rc=$?"
+  tail -2 $R/d.log
+  timeout 100 python3 -m pytest -q -m gpu tests/test_triton_nf4.py > $R/d-tests.log 2>&1; echo "tests rc=$?"
+  tail -3 $R/d-tests.log
+  tar -C $R -czf "$OUT/d.tar.gz" d d.log d-tests.log ;;
 esac
 ls -la "$OUT"

@@ -202,6 +202,15 @@ def test_slow_counter_reads_still_open_a_window() -> None:
     assert tr.ticks[tr.first].hi - tr.ticks[tr.first].lo > en.OPEN_MAX_JITTER_S
 
 
+def test_slow_counter_reads_do_not_leave_the_gpu_idle() -> None:
+    """A read in progress when a batch ends delays the sync (the H200's 2-13 % idle with a
+    fixed deadline at 95 % of the batch): reading stops several slow reads before the end."""
+    stats, _, _, _ = window(noise=0.005, read_s=3e-3)  # each read takes 3 ms
+    assert stats.counter_read_s == pytest.approx(3e-3, rel=0.01)
+    assert stats.gpu_idle_frac is not None and stats.gpu_idle_frac < en.MAX_IDLE_FRAC
+    assert stats.flag is None
+
+
 def test_a_counter_that_stops_gives_no_energy() -> None:
     stats, _, _, _ = window(stuck=True)
     assert stats.stop == "counter stopped" and stats.j_per_call is None

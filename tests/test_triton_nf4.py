@@ -197,7 +197,7 @@ def test_cases_cover_the_paths(interpreted: dict[str, Any]) -> None:
         assert any(c["kernel"] == kernel and c["block_k"] == 64 for _, c in configs)  # K 192
         assert any(c["kernel"] == kernel and c["block_n"] == 16 for _, c in configs)
     assert any(m == 5 and c["kernel"] == "mma" for m, c in configs)  # forced below M 9
-    assert all(c["kernel"] == "gemv" for m, c in configs if m == 8 or m == 1)
+    assert all(c["kernel"] == "gemv" for m, c in configs if m == 1)
 
 
 @pytest.mark.parametrize("index", range(len(EXACT_CASES)), ids=[s for s, *_ in EXACT_CASES])
@@ -368,8 +368,8 @@ def test_tile_heuristic() -> None:
     sms = 132
     for (n, k), m in itertools.product(SHAPES, (1, 2, 3, 4, 5, 8, 9, 16, 33, 64, 65, 256, 4096)):
         cfg = heuristic_config(m, n, k, sms)
-        assert cfg.kernel == ("gemv" if m <= 8 else "mma"), (m, n, k, cfg)
-        assert cfg.block_m >= (m if m <= 8 else min(m, 64)), (m, cfg)
+        assert cfg.kernel == ("gemv" if m <= 4 else "mma"), (m, n, k, cfg)
+        assert cfg.block_m >= (m if m <= 4 else min(m, 64)), (m, cfg)
         assert k % cfg.block_k == 0 and cfg.block_k >= 64, (m, n, k, cfg)
         assert (k // cfg.block_k) % cfg.split_k == 0, (m, n, k, cfg)  # no split idles
         assert tile_config(m, n, k, sms, TritonNf4.options) == cfg  # no table, no options

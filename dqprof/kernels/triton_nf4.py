@@ -138,11 +138,15 @@ def _nf4_load_x8(ptrs, ASM: tl.constexpr):
 def _nf4_word_dot(v0, v1, v2, v3, v4, v5, v6, v7, xr, ASM: tl.constexpr):
     """sum_j v_j * x_j per word, x_j broadcast over the rows."""
     x0, x1, x2, x3, x4, x5, x6, x7 = _nf4_load_x8(xr, ASM)
-    s = v0 * x0[None, :] + v1 * x1[None, :]
-    s += v2 * x2[None, :] + v3 * x3[None, :]
-    s += v4 * x4[None, :] + v5 * x5[None, :]
-    s += v6 * x6[None, :] + v7 * x7[None, :]
-    return s
+    # one FMUL and seven FFMAs (a + b pairs would compile to FMUL + FFMA + FADD)
+    s = v0 * x0[None, :]
+    s = tl.fma(v1, x1[None, :], s)
+    s = tl.fma(v2, x2[None, :], s)
+    s = tl.fma(v3, x3[None, :], s)
+    s = tl.fma(v4, x4[None, :], s)
+    s = tl.fma(v5, x5[None, :], s)
+    s = tl.fma(v6, x6[None, :], s)
+    return tl.fma(v7, x7[None, :], s)
 
 
 def _nf4_decode8(words, lut_ptr, lut_lo, lut_hi, ASM: tl.constexpr):
@@ -186,8 +190,14 @@ def _nf4_gemv_kernel(
     w_rows = w_ptr + rows[:, None] * kw
     a_rows = rows[:, None] * kb
 
+    # M <= 4: one [BLOCK_N, words] accumulator per row of x, reduced once after the loop (no
+    # cross-thread reduction inside it); larger M reduce each k-tile (registers would not hold
+    # M such accumulators)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_N, WPT), dtype=tl.float32)  # M = 1: reduced once, after the loop
+    r0 = tl.zeros((BLOCK_N, WPT), dtype=tl.float32)
+    r1 = tl.zeros((BLOCK_N, WPT), dtype=tl.float32)
+    r2 = tl.zeros((BLOCK_N, WPT), dtype=tl.float32)
+    r3 = tl.zeros((BLOCK_N, WPT), dtype=tl.float32)
     for kt in range(kt_lo, kt_hi):
         words = tl.load(w_rows + (kt * WPT + offs_w)[None, :], mask=n_mask[:, None], other=0)
         v0, v1, v2, v3, v4, v5, v6, v7 = _nf4_decode8(words, lut_ptr, lut_lo, lut_hi, ASM)
@@ -195,17 +205,29 @@ def _nf4_gemv_kernel(
         a_w = _nf4_absmax(a_ptr, a2_ptr, code2_ptr, offset, a_rows + blk[None, :],
                           n_mask[:, None], NESTED)
         xk = x_ptr + kt * BLOCK_K + offs_w * 8
-        if BLOCK_M == 1:
-            acc1 += _nf4_word_dot(v0, v1, v2, v3, v4, v5, v6, v7, xk, ASM) * a_w
+        if BLOCK_M <= 4:
+            r0 += _nf4_word_dot(v0, v1, v2, v3, v4, v5, v6, v7, xk, ASM) * a_w
+            if BLOCK_M >= 2:  # rows past M read row 0 (in bounds); their sums are not stored
+                xr = tl.where(offs_w * 0 + 1 < M, xk + stride_xm, xk)
+                r1 += _nf4_word_dot(v0, v1, v2, v3, v4, v5, v6, v7, xr, ASM) * a_w
+            if BLOCK_M == 4:
+                xr = tl.where(offs_w * 0 + 2 < M, xk + 2 * stride_xm, xk)
+                r2 += _nf4_word_dot(v0, v1, v2, v3, v4, v5, v6, v7, xr, ASM) * a_w
+                xr = tl.where(offs_w * 0 + 3 < M, xk + 3 * stride_xm, xk)
+                r3 += _nf4_word_dot(v0, v1, v2, v3, v4, v5, v6, v7, xr, ASM) * a_w
         else:
             for mi in tl.static_range(BLOCK_M):
-                # rows past M read row 0 (in bounds); their sums are never stored
                 xr = tl.where(offs_w * 0 + mi < M, xk + mi * stride_xm, xk)
                 s = _nf4_word_dot(v0, v1, v2, v3, v4, v5, v6, v7, xr, ASM)
                 part = tl.sum(s * a_w, axis=1)
                 acc += tl.where(offs_m[None, :] == mi, part[:, None], 0.0)
-    if BLOCK_M == 1:
-        acc = tl.sum(acc1, axis=1)[:, None]
+    if BLOCK_M <= 4:
+        acc += tl.where(offs_m[None, :] == 0, tl.sum(r0, axis=1)[:, None], 0.0)
+        if BLOCK_M >= 2:
+            acc += tl.where(offs_m[None, :] == 1, tl.sum(r1, axis=1)[:, None], 0.0)
+        if BLOCK_M == 4:
+            acc += tl.where(offs_m[None, :] == 2, tl.sum(r2, axis=1)[:, None], 0.0)
+            acc += tl.where(offs_m[None, :] == 3, tl.sum(r3, axis=1)[:, None], 0.0)
 
     out = (out_ptr + pid_k.to(tl.int64) * stride_os + offs_m.to(tl.int64)[None, :] * stride_om
            + offs_n[:, None])
@@ -360,16 +382,18 @@ def _auto_split(tiles: int, k_tiles: int, target: int, min_iters: int, max_split
     return best
 
 
-def heuristic_config(m: int, n: int, k: int, sms: int) -> TileConfig:
-    """The fallback when no tuned table matches (and the start point of `dqprof tune`)."""
+def heuristic_config(m: int, n: int, k: int, sms: int, kernel: str = "") -> TileConfig:
+    """The fallback when no tuned table matches (and the start point of `dqprof tune`);
+    ``kernel`` forces one kernel's tiles at any M it takes."""
     m = max(m, 1)
-    if m <= 8:  # decode: CUDA cores, one pass over the packed weight
+    if kernel == "gemv" or (not kernel and m <= 4):  # decode: CUDA cores, one weight pass
         bm = 1 << (m - 1).bit_length()
-        bn, bk, warps = (32 if m <= 4 else 16), _divisor_block_k(k, 512), 4
+        # M > 1 holds a [BLOCK_N, words] accumulator per row: narrower tiles stay in registers
+        bn, bk, warps = (32 if m == 1 else 16), _divisor_block_k(k, 512), 4
         tiles = _cdiv(n, bn)
         split = _auto_split(tiles, k // bk, 4 * sms, 2, 16)
         return TileConfig("gemv", bm, bn, bk, split, warps, 1)
-    if m <= 64:  # small batches: still bandwidth-bound, the MMA's N is the batch
+    if m <= 64:  # small batches: still bandwidth-bound, the MMA's N is the batch (>= 16)
         bm = max(16, 1 << (m - 1).bit_length())
         bn, bk, warps, stages = 64, _divisor_block_k(k, 128), 4, 3
         tiles = _cdiv(n, bn) * _cdiv(m, bm)
@@ -402,9 +426,7 @@ def tile_config(m: int, n: int, k: int, sms: int, opts: dict[str, Any],
 
 
 def _other_kernel(kernel: str, m: int, n: int, k: int, sms: int) -> TileConfig:
-    if kernel == "gemv":
-        return heuristic_config(min(m, GEMV_MAX_M), n, k, sms)
-    return replace(heuristic_config(max(m, 9), n, k, sms), kernel="mma")
+    return heuristic_config(min(m, GEMV_MAX_M) if kernel == "gemv" else m, n, k, sms, kernel)
 
 
 # ---------------------------------------------------------------------------------------------

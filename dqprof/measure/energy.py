@@ -38,6 +38,7 @@ FEED_METHOD = "batch-sync"
 BATCH_S = 0.05  # device time per batch: what the independent Machete harness ran cleanly
 POLL_S = 2.5e-4  # host sleep between counter reads while a batch runs
 SYNC_AHEAD = 0.95  # stop reading and block at this share of the previous batch's device span
+READ_MARGIN = 3  # ... or this many of the slowest recent counter reads before its end
 LAUNCH_GROUP = 64  # replays queued between two counter reads while a batch is being queued
 # The timing samples just before keep the GPU busy on these very replays for >= 30 ms, so the
 # 0.1 s ramp the window once waited repeated a warm-up already done; the window only needs the
@@ -78,6 +79,7 @@ class EnergyStats:
     window_min_s: float | None = None
     window_max_s: float | None = None
     intervals: list[list[float]] = field(default_factory=list)  # [s, J, calls] per update
+    counter_read_s: float | None = None  # the slowest counter read seen (sets the deadline)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -148,6 +150,7 @@ class Trace:
     last: int | None = None  # the closing tick
     stop: str | None = None
     result: Estimate | None = None
+    read_max_s: float = 0.0
 
 
 def run_window(device: Device, read_mj: Callable[[], int], clock: Callable[[], float],
@@ -161,6 +164,7 @@ def run_window(device: Device, read_mj: Callable[[], int], clock: Callable[[], f
     last_change = clock()
     candidate: int | None = None  # a tick the rule would close on, checked after the sync
     gaps: deque[float] = deque(maxlen=64)  # recent spans from one read's start to the next's end
+    reads: deque[float] = deque([0.0], maxlen=64)  # recent durations of one counter read
 
     def poll() -> None:
         nonlocal prev_lo, last_mj, last_change
@@ -168,6 +172,7 @@ def run_window(device: Device, read_mj: Callable[[], int], clock: Callable[[], f
         value = read_mj()
         hi = clock()
         gaps.append(hi - prev_lo)
+        reads.append(hi - lo)
         if value != last_mj:
             tr.ticks.append(Tick(prev_lo, hi, value))
             last_mj, last_change = value, hi
@@ -218,7 +223,11 @@ def run_window(device: Device, read_mj: Callable[[], int], clock: Callable[[], f
                 pending = None
             poll()
         end = device.mark()
-        deadline = start + SYNC_AHEAD * expect_batch_s
+        # stop reading early enough that a read in progress cannot overrun the batch's end: a
+        # read of the counter can take milliseconds, and a GPU whose batch ended meanwhile
+        # idles until the sync (seen on the H200: 2-13 % idle with a fixed 95 % deadline)
+        deadline = start + min(SYNC_AHEAD * expect_batch_s,
+                               expect_batch_s - READ_MARGIN * max(reads))
         while device.asynchronous and candidate is None and clock() < deadline:
             sleep(POLL_S)
             poll()
@@ -239,6 +248,7 @@ def run_window(device: Device, read_mj: Callable[[], int], clock: Callable[[], f
             tr.stop = "no window"
     if pending:
         settle(*pending)
+    tr.read_max_s = max(reads)
     if tr.first is not None and tr.last is not None:
         tr.result = estimate(tr.ticks, tr.batches, tr.first, tr.last)
     return tr
@@ -299,7 +309,8 @@ def energy_stats(tr: Trace, rule: StopRule, replays: int, idle_power_w: float | 
     spans = [b.device_s for b in tr.batches if b.device_s]
     method = {"feed": FEED_METHOD, "batch_s": sorted(spans)[len(spans) // 2] if spans else None,
               "batch_replays": replays, "precision_target": rule.target, "stop": tr.stop,
-              "window_min_s": rule.min_s, "window_max_s": rule.max_s}
+              "window_min_s": rule.min_s, "window_max_s": rule.max_s,
+              "counter_read_s": tr.read_max_s}
     if est is None or tr.first is None or tr.last is None:
         return EnergyStats(None, None, None, idle_power_w, 0.0, 0, 0, None,
                            f"no tick-aligned window ({tr.stop})", None, **method)
