@@ -26,7 +26,7 @@ Two kernels, picked per call by M (``tile_config``; a tuned table per GPU in
   k-range (split-K fills the SMs when N is small); per 8-weight word a thread does 8 nibble
   extracts, 8 table gathers and 8 * M FMAs against x held in registers (16-byte loads of the 8
   matching x values), fp32 accumulation, absmax per block. Bound by issue (int extract +
-  gather per weight), not by HBM, above ~2.5 TB/s of packed weight (see notes/triton-nf4.md).
+  gather per weight), not by HBM (see docs/triton-nf4.md for the measured figures).
 * ``mma`` (any M): the transposed product ``y.T = W_deq @ x.T`` on tensor cores, so the
   decoded weight tile is the MMA's first operand, which Hopper's wgmma takes from registers
   (as Machete does): the decoded tile never goes back through shared memory; x.T is the
