@@ -8,6 +8,11 @@ run 2000 graph replays, 50 at a time; energy cases call the sweep's measure_ener
 window, 0.5 s for the queue-depth cases), whose feeder keeps LEAD_CHUNKS chunks queued.
 profiles/h200/machete/ holds what it printed on the H200 (from three drafts of this script
 whose cases it keeps unchanged) and what it showed.
+
+Since commit 19d9904 measure_energy is the batch-sync feeder (dqprof/measure/energy.py),
+under which Machete was metered without a stall (profiles/h200/session5/): the energy cases
+now run that feeder, so ``lead1``/``lead2``/``chunk1``/``blockquery`` no longer vary what
+they name. The chunked feeder they were written for is ``e0332d4:dqprof/measure/energy.py``.
 """
 
 from __future__ import annotations
