@@ -28,8 +28,9 @@ REPEATS = 9
 
 def candidates(m: int, n: int, k: int, sms: int) -> list[Any]:
     """The heuristic's config first, then the alternatives worth timing at this M: tile width
-    and depth around the heuristic's, split-K halved and doubled, and at M <= 4 both kernels."""
-    from dqprof.kernels.triton_nf4 import GEMV_MAX_M, TileConfig, heuristic_config
+    and depth around the heuristic's, split-K halved and doubled, and at M <= 4 both kernels
+    (the GEMV beyond M = 4 compiled to more instructions per weight than the MMA needs)."""
+    from dqprof.kernels.triton_nf4 import TileConfig, heuristic_config
 
     base = heuristic_config(m, n, k, sms)
     out = [base]
@@ -43,15 +44,14 @@ def candidates(m: int, n: int, k: int, sms: int) -> list[Any]:
         for bn, bk in itertools.product(widths, depths):
             if k % bk:
                 continue
-            c = replace(cfg, block_n=bn, block_k=bk, split_k=cfg.split_k,
+            c = replace(cfg, block_n=bn, block_k=bk,
                         num_warps=cfg.num_warps if cfg.kernel == "gemv" else
                         (4 if bn == 64 else 8))
             out.extend(replace(c, split_k=s) for s in splits(c))
 
-    if m <= GEMV_MAX_M:
+    if m <= 4:
         variants(base, (16, 32, 64), (256, 512))
-        mma = heuristic_config(GEMV_MAX_M + 1, n, k, sms)
-        variants(replace(mma, block_m=16), (64, 128), (128, 256))
+        variants(heuristic_config(m, n, k, sms, "mma"), (64, 128), (128, 256))
     elif m <= 64:
         variants(base, (64, 128), (128, 256))
     else:

@@ -203,7 +203,7 @@ def test_slow_counter_reads_still_open_a_window() -> None:
 
 
 def test_slow_counter_reads_do_not_leave_the_gpu_idle() -> None:
-    """A read in progress when a batch ends delays the sync (the H200's 2-13 % idle with a
+    """A read in progress when a batch ends delays the sync (the H200's median 5 % idle with a
     fixed deadline at 95 % of the batch): reading stops several slow reads before the end."""
     stats, _, _, _ = window(noise=0.005, read_s=3e-3)  # each read takes 3 ms
     assert stats.counter_read_s == pytest.approx(3e-3, rel=0.01)

@@ -1,0 +1,47 @@
+"""`dqprof tune`: the candidates it times and its bad input (the timing itself needs a GPU)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from dqprof.kernels.triton_nf4 import heuristic_config
+from dqprof.tune import candidates
+
+SHAPES = ((20480, 2560), (2560, 10240), (3072, 2560), (256, 2560), (2560, 256))
+
+
+@pytest.mark.parametrize("m", (1, 2, 4, 8, 16, 64, 256, 4096))
+@pytest.mark.parametrize("n, k", SHAPES)
+def test_candidates_are_valid_tiles(m: int, n: int, k: int) -> None:
+    cands = candidates(m, n, k, 132)
+    assert cands[0] == heuristic_config(m, n, k, 132)  # the heuristic is timed first
+    assert len(cands) == len(set(cands))
+    for c in cands:
+        assert k % c.block_k == 0 and (k // c.block_k) % c.split_k == 0
+        if c.kernel == "gemv":
+            assert m <= 4 and c.block_m >= m
+        else:  # wgmma's M is the weight tile: 64 rows per warpgroup
+            assert c.block_n >= 64 and c.block_m >= 16
+    kernels = {c.kernel for c in cands}
+    assert kernels == ({"gemv", "mma"} if m <= 4 else {"mma"})
+
+
+def _tune(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dqprof", "tune", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_tune_takes_only_triton_nf4() -> None:
+    proc = _tune("bf16", "-o", "/tmp/x.json")
+    assert proc.returncode == 2 and "takes triton-nf4" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_tune_without_a_gpu_says_so() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    proc = _tune("triton-nf4", "-o", "/tmp/x.json", "--m", "1")
+    assert proc.returncode == 3 and "needs a CUDA GPU" in proc.stderr
