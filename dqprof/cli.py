@@ -112,7 +112,7 @@ def bench(
         help="Longest energy window per point, seconds (default 1; --quick 0.5). A window "
              "closes sooner once its energy per call is known to --energy-precision.")] = None,
     window_min: Annotated[float | None, typer.Option(
-        help="Shortest energy window, seconds (default 0.4); a window also spans at least 5 "
+        help="Shortest energy window, seconds (default 0.3); a window also spans at least 3 "
              "counter updates.")] = None,
     energy_precision: Annotated[str | None, typer.Option(
         help="Relative precision (one standard deviation) at which a window stops, e.g. "

@@ -71,9 +71,9 @@ class SweepConfig:
     hot: bool = False  # one weight copy: the L2-resident case
     repeats: int = 15
     # the energy window stops once J/call is known to energy_precision (relative, one standard
-    # deviation), no sooner than window_min_s and 5 counter updates, no later than window_s
+    # deviation), no sooner than window_min_s and 3 counter updates, no later than window_s
     window_s: float = 1.0
-    window_min_s: float = 0.4
+    window_min_s: float = 0.3
     energy_precision: float = 0.005
     l2_factor: float = 3.0  # rotated copies hold this many times the L2 size
     energy: bool = True
@@ -188,6 +188,7 @@ class Sweep:
         self.model, self.groups = plan(cfg)
         self.warnings: list[str] = []
         self.nvml = None
+        self._reader: Any = None  # the energy counter's reader thread, while the sweep runs
         self.idle_power_w: float | None = None
         self.power_limit_w: float | None = None
         self.l2_bytes = CPU_CACHE_BYTES
@@ -261,6 +262,15 @@ class Sweep:
         session["ceilings"] = measure_ceilings()
         session["gpu_state_start"] = nvml.state() if nvml else None
 
+    def _energy_reader(self) -> Any:
+        """The counter's reader thread, one for the whole sweep: its history bounds the
+        counter's period for every window (dqprof/measure/window.py)."""
+        if self._reader is None:
+            from dqprof.measure.energy import TickReader
+
+            self._reader = TickReader(self.nvml.energy_mj).start()
+        return self._reader
+
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> dict[str, int]:
         done = self._done_keys()
@@ -286,6 +296,9 @@ class Sweep:
                     counts[rec["status"]] += 1
                     finished += 1
                     self.progress(finished, total, f"{g.shape.name} {rec['backend']} m={rec['m']}")
+        if self._reader is not None:
+            self._reader.stop()
+            self._reader = None
         info = read_run(self.run_dir)
         info["sessions"][-1].update(finished=_now(), wall_s=time.perf_counter() - t_start,
                                     counts=counts, warnings=self.warnings)
@@ -417,8 +430,8 @@ class Sweep:
                 # of a pass: event times that miss work must not queue hours of it
                 energy = measure_energy(
                     replay, self.nvml, max(t.median_s, one / replay.calls), self.cfg.window_s,
-                    self.idle_power_w, self.power_limit_w, device_call_s=t.median_s,
-                    window_min_s=self.cfg.window_min_s,
+                    self.idle_power_w, self.power_limit_w, window_min_s=self.cfg.window_min_s,
+                    reader=self._energy_reader(),
                     precision=self.cfg.energy_precision).as_dict()
             state = self.nvml.state()  # right after the busy window: throttling shows here
         clock.lap("energy")

@@ -9,10 +9,16 @@ maximum length.
 
 The feeder ("batch-sync"): replays are queued in batches of about ``BATCH_S`` of device time
 and each batch is waited for with one blocking ``synchronize``; nothing else is ever waited on
-or polled on the device. While a batch runs the host reads the counter (every ``POLL_S``) and
-stops reading shortly before the batch should end. Calls are exact at batch boundaries; two
-timing events per batch, at its edges and read only after its sync, give each batch's device
-span and the device idle time between batches. This replaced a feeder that kept eight ~5 ms
+or polled on the device. Calls are exact at batch boundaries; two timing events per batch, at
+its edges and read only after its sync, give each batch's device span and the device idle time
+between batches. The counter is read on a thread of its own (``TickReader``), back to back
+all window long: one read of it takes up to 19 ms on the H200, and read on the feeding thread
+it either held back the sync (the GPU idled a median 5 % when reads ran to 95 % of each batch)
+or, stopped three slow reads before the batch end, left every update that fell in the last
+~40 % of a batch seen only across that gap (edges and spread of 1-5 % in a 1 s window).
+Under the GIL the reader only runs while the feeder waits in a sync or a sleep, or between its
+launches; a tick's bounds are taken around the read itself, so a late thread only widens them.
+This replaced a feeder that kept eight ~5 ms
 chunks queued and polled an event after each: with vLLM's Machete kernel the GPU stopped
 taking work inside it 7 times of 7 (profiles/h200/machete/), while an independent harness that
 queued ~50 ms of replays and synchronized before queuing more finished 12 windows of 12.
@@ -23,30 +29,31 @@ The loop takes its device, counter, clock and sleep as arguments, so it runs on 
 from __future__ import annotations
 
 import math
-import statistics
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from dqprof.errors import DqprofError
 from dqprof.measure.nvml import Nvml
 from dqprof.measure.timing import Replay
-from dqprof.measure.window import Batch, Estimate, StopRule, Tick, estimate
+from dqprof.measure.window import Batch, Estimate, StopRule, Tick, estimate, period_bounds
 
 FEED_METHOD = "batch-sync"
+READ_METHOD = "thread"  # the counter is read on its own thread, continuously
 BATCH_S = 0.05  # device time per batch: what the independent Machete harness ran cleanly
-POLL_S = 2.5e-4  # host sleep between counter reads while a batch runs
-SYNC_AHEAD = 0.95  # stop reading and block at this share of the previous batch's device span
-READ_MARGIN = 3  # ... or this many of the slowest recent counter reads before its end
-LAUNCH_GROUP = 64  # replays queued between two counter reads while a batch is being queued
+POLL_S = 2.5e-4  # the reader's sleep between counter reads
+HISTORY_TICKS = 4096  # updates a reader keeps (~7 minutes at the H200's 100 ms)
+# the period is bounded on this much history: long enough to pin it to microseconds, short
+# enough that a clock drifting by some ppm still fits one period within the jitter
+PERIOD_HISTORY_S = 10.0
+LEAD_S = 0.3  # updates seen this long before a window's first batch help place its grid
 # The timing samples just before keep the GPU busy on these very replays for >= 30 ms, so the
 # 0.1 s ramp the window once waited repeated a warm-up already done; the window only needs the
 # opening tick to lie wholly inside its own busy time, a little after the first launch
 GUARD_S = 0.02
-# an opening tick seen across a longer gap than this or twice the usual one between counter
-# reads (it met a blocking sync) is passed over: its host time is too loose
-OPEN_MAX_JITTER_S = 1e-3
 NO_TICK_S = 2.0  # no counter update for this long: the counter has stopped
 MAX_IDLE_FRAC = 0.02  # a window whose GPU idled longer than this is flagged
 # The chunked feeder's call-count resolution (records without ``feed``: calls counted to about
@@ -79,7 +86,13 @@ class EnergyStats:
     window_min_s: float | None = None
     window_max_s: float | None = None
     intervals: list[list[float]] = field(default_factory=list)  # [s, J, calls] per update
-    counter_read_s: float | None = None  # the slowest counter read seen (sets the deadline)
+    counter_read_s: float | None = None  # the slowest counter read seen
+    reader: str | None = None  # how the counter was read (READ_METHOD)
+    tick_fit: bool | None = None  # the window was placed on the counter's period (window.py)
+    period_s: list[float] | None = None  # bounds on that period from the reader's history
+    # every update the reader saw: [lo, hi] host seconds from the first batch's start, and mJ
+    # from the first update's value, so a later analysis can refit (window.fit_ticks)
+    tick_log: list[list[float]] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -89,7 +102,6 @@ class Device(Protocol):
     """What the feeder drives: CUDA graph replays, or fakes in tests."""
 
     asynchronous: bool  # False: launch() returns when the work is done (nothing to wait for)
-    launch_group: int  # replays queued between two counter reads
 
     def launch(self, replays: int) -> None: ...
     def mark(self) -> Any: ...  # a device timestamp queued behind the work so far
@@ -99,7 +111,6 @@ class Device(Protocol):
 
 class CudaDevice:
     asynchronous = True
-    launch_group = LAUNCH_GROUP
 
     def __init__(self, replay: Replay) -> None:
         self.replay = replay
@@ -128,7 +139,6 @@ class HostDevice(CudaDevice):
     """Eager CPU replays: each launch runs to completion, marks are host times."""
 
     asynchronous = False
-    launch_group = 1  # each replay runs while it is launched: read the counter after each
 
     def mark(self) -> Any:
         return time.perf_counter()
@@ -138,6 +148,84 @@ class HostDevice(CudaDevice):
 
     def elapsed_s(self, begin: Any, end: Any) -> float:
         return end - begin
+
+
+class TickHistory:
+    """The counter's updates a reader has seen, and its period as they bound it."""
+
+    def __init__(self) -> None:
+        self.read_max_s = 0.0  # the slowest read so far
+        self.last_change = 0.0  # host time of the latest update seen (or of the start)
+        self._ticks: deque[Tick] = deque(maxlen=HISTORY_TICKS)
+        self._period: tuple[int, Tick | None, tuple[float, float] | None] = (0, None, None)
+
+    def add(self, tick: Tick) -> None:
+        self._ticks.append(tick)
+        self.last_change = tick.hi
+
+    def ticks(self, since: float = -math.inf) -> list[Tick]:
+        """The updates seen whose read ended at or after host time ``since``, in order."""
+        return [k for k in list(self._ticks) if k.hi >= since]
+
+    def period(self) -> tuple[float, float] | None:
+        """Bounds on the counter's period from the last ``PERIOD_HISTORY_S`` of updates,
+        or None while they are too few or fit no period."""
+        ticks = list(self._ticks)
+        if not ticks:
+            return None
+        recent = [k for k in ticks if k.hi >= ticks[-1].hi - PERIOD_HISTORY_S]
+        if self._period[:2] != (len(recent), recent[-1]):
+            self._period = (len(recent), recent[-1], period_bounds(recent))
+        return self._period[2]
+
+
+class TickReader(TickHistory):
+    """Reads the counter back to back on a daemon thread; each change becomes a ``Tick``
+    bounded by the start of the read before it and the end of its own read. One runs for a
+    whole sweep, so its history bounds the counter's period for every window."""
+
+    def __init__(self, read_mj: Callable[[], int], clock: Callable[[], float] = time.perf_counter,
+                 sleep: Callable[[float], None] = time.sleep, poll_s: float = POLL_S) -> None:
+        super().__init__()
+        self.read_mj, self.clock, self.sleep, self.poll_s = read_mj, clock, sleep, poll_s
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> TickReader:
+        self.last_change = self.clock()
+        self._thread = threading.Thread(target=self._run, name="dqprof-energy-reader",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            prev_lo = self.clock()
+            last = self.read_mj()
+            self.read_max_s = self.clock() - prev_lo
+            while not self._stop.is_set():
+                lo = self.clock()
+                value = self.read_mj()
+                hi = self.clock()
+                self.read_max_s = max(self.read_max_s, hi - lo)
+                if value != last:
+                    self.add(Tick(prev_lo, hi, value))
+                    last = value
+                prev_lo = lo
+                self.sleep(self.poll_s)
+        except BaseException as e:  # noqa: BLE001 - handed to the feeder, which raises it
+            self._error = e
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+
+    def ticks(self, since: float = -math.inf) -> list[Tick]:
+        if self._error is not None:
+            raise DqprofError(f"reading the energy counter failed: {self._error}")
+        return super().ticks(since)
 
 
 @dataclass
@@ -151,54 +239,20 @@ class Trace:
     stop: str | None = None
     result: Estimate | None = None
     read_max_s: float = 0.0
+    period: tuple[float, float] | None = None  # the counter's period as the reader bounded it
 
 
-def run_window(device: Device, read_mj: Callable[[], int], clock: Callable[[], float],
-               sleep: Callable[[float], None], replays_per_batch: int, calls_per_replay: int,
-               expect_batch_s: float, rule: StopRule) -> Trace:
-    """Feed the device batch by batch until the rule closes a tick-aligned window."""
+def run_window(device: Device, reader: TickHistory, clock: Callable[[], float],
+               replays_per_batch: int, calls_per_replay: int, rule: StopRule) -> Trace:
+    """Feed the device batch by batch until the rule closes a tick-aligned window.
+
+    After each sync the next batch is queued first, so the GPU has work while the host reads
+    the synced batch's span and weighs the ticks seen so far; the window ends on the first
+    tick that meets the rule, all of whose batches are synced by then. The batch queued last
+    is waited for, outside the window.
+    """
     tr = Trace()
     marks: list[tuple[Any, Any]] = []
-    prev_lo = clock()
-    last_mj = read_mj()
-    last_change = clock()
-    candidate: int | None = None  # a tick the rule would close on, checked after the sync
-    gaps: deque[float] = deque(maxlen=64)  # recent spans from one read's start to the next's end
-    reads: deque[float] = deque([0.0], maxlen=64)  # recent durations of one counter read
-
-    def poll() -> None:
-        nonlocal prev_lo, last_mj, last_change
-        lo = clock()
-        value = read_mj()
-        hi = clock()
-        gaps.append(hi - prev_lo)
-        reads.append(hi - lo)
-        if value != last_mj:
-            tr.ticks.append(Tick(prev_lo, hi, value))
-            last_mj, last_change = value, hi
-            on_tick()
-        prev_lo = lo
-
-    def on_tick() -> None:
-        nonlocal candidate
-        tick, i = tr.ticks[-1], len(tr.ticks) - 1
-        if tr.first is None:
-            busy_since = tr.batches[0].start if tr.batches else math.inf
-            loose = max(OPEN_MAX_JITTER_S, 2 * statistics.median(gaps))
-            if tick.lo >= busy_since + GUARD_S and tick.hi - tick.lo <= loose:
-                tr.first = i
-            return
-        if candidate is None and _decide(tr, provisional(), i, rule):
-            candidate = i
-
-    def provisional() -> list[Batch]:
-        """The batches with the running one given the previous one's span, for a guess."""
-        done = [b for b in tr.batches if b.end is not None]
-        if len(done) == len(tr.batches) or not done:
-            return tr.batches
-        ref, cur = done[-1], tr.batches[-1]
-        span = ref.device_s or expect_batch_s
-        return [*done, Batch(cur.start, cur.calls, cur.start + ref.slack + span, span)]
 
     def settle(batch: Batch, begin: Any, end: Any) -> None:
         """Read a synced batch's device span and the device idle before it."""
@@ -207,59 +261,51 @@ def run_window(device: Device, read_mj: Callable[[], int], clock: Callable[[], f
             batch.gap_before_s = max(0.0, device.elapsed_s(marks[-1][1], begin))
         marks.append((begin, end))
 
-    calls = replays_per_batch * calls_per_replay
-    give_up = clock() + rule.max_s + 2 * NO_TICK_S  # a window that never opened or closed
-    pending: tuple[Batch, Any, Any] | None = None  # synced, its spans not read yet
-    while tr.stop is None:
-        start = clock()
-        batch = Batch(start, calls)
+    def queue() -> tuple[Batch, Any, Any]:
+        batch = Batch(clock(), calls)
         tr.batches.append(batch)
         begin = device.mark()
-        for queued in range(0, replays_per_batch, device.launch_group):
-            device.launch(min(device.launch_group, replays_per_batch - queued))
-            if pending:  # the GPU has work again: now the bookkeeping of the last batch
-                settle(*pending)
-                expect_batch_s = pending[0].device_s or expect_batch_s
-                pending = None
-            poll()
-        end = device.mark()
-        # stop reading early enough that a read in progress cannot overrun the batch's end: a
-        # read of the counter can take milliseconds, and a GPU whose batch ended meanwhile
-        # idles until the sync (on the H200 a fixed 95 % deadline left a median 5 % idle;
-        # this one 0.4 %)
-        deadline = start + min(SYNC_AHEAD * expect_batch_s,
-                               expect_batch_s - READ_MARGIN * max(reads))
-        while device.asynchronous and candidate is None and clock() < deadline:
-            sleep(POLL_S)
-            poll()
-        device.sync()
-        batch.end = clock()
-        if candidate is None:
-            pending = (batch, begin, end)
-        else:  # confirm on exact batch spans before queuing more, or go on
-            settle(batch, begin, end)
-            for i in range(candidate, len(tr.ticks)):
-                if stop := _decide(tr, tr.batches, i, rule):
-                    tr.stop, tr.last = stop, i
+        device.launch(replays_per_batch)
+        return batch, begin, device.mark()
+
+    def weigh(i: int, synced_until: float) -> int:
+        """Open on the first tick inside busy time, close on the first that meets the rule;
+        ticks whose batch is not synced yet wait. Returns the next tick to weigh."""
+        while i < len(tr.ticks) and tr.ticks[i].hi <= synced_until:
+            if tr.first is None:
+                if tr.ticks[i].lo >= tr.batches[0].start + GUARD_S:
+                    tr.first = i
+            else:
+                done = [b for b in tr.batches if b.device_s is not None]
+                est = estimate(tr.ticks, done, tr.first, i, reader.period())
+                if stop := rule.decide(est.intervals, est.seconds, est.decisive):
+                    tr.stop, tr.last, tr.result = stop, i, est
                     break
-            candidate = None
-        if tr.stop is None and clock() - last_change > NO_TICK_S:
+            i += 1
+        return i
+
+    calls = replays_per_batch * calls_per_replay
+    since = clock() - LEAD_S
+    give_up = clock() + rule.max_s + 2 * NO_TICK_S  # a window that never opened or closed
+    weighed = 0
+    running = queue()
+    while True:
+        device.sync()
+        running[0].end = clock()
+        synced = running
+        if tr.stop is not None:  # the batch queued after the window's last: outside it
+            settle(*synced)
+            break
+        running = queue()  # the GPU has work again: now the bookkeeping
+        settle(*synced)
+        tr.ticks = reader.ticks(since)
+        weighed = weigh(weighed, synced[0].end)
+        if tr.stop is None and clock() - reader.last_change > NO_TICK_S:
             tr.stop = "counter stopped"
         elif tr.stop is None and clock() > give_up:
             tr.stop = "no window"
-    if pending:
-        settle(*pending)
-    tr.read_max_s = max(reads)
-    if tr.first is not None and tr.last is not None:
-        tr.result = estimate(tr.ticks, tr.batches, tr.first, tr.last)
+    tr.read_max_s, tr.period = reader.read_max_s, reader.period()
     return tr
-
-
-def _decide(tr: Trace, batches: list[Batch], i: int, rule: StopRule) -> str | None:
-    if tr.first is None or i <= tr.first:
-        return None
-    est = estimate(tr.ticks, batches, tr.first, i)
-    return rule.decide(est.intervals, est.seconds, est.precision)
 
 
 def _wait_tick(nvml: Nvml, last: int, feed: Callable[[], None]) -> tuple[int, float]:
@@ -285,22 +331,23 @@ def measure_idle(nvml: Nvml, seconds: float = 2.0, settle_s: float = 1.0) -> flo
 
 def measure_energy(replay: Replay, nvml: Nvml, per_call_s: float, window_s: float,
                    idle_power_w: float | None, power_limit_w: float | None, *,
-                   device_call_s: float | None = None, window_min_s: float = 0.4,
-                   precision: float = 0.005, device: Device | None = None,
-                   clock: Callable[[], float] = time.perf_counter,
-                   sleep: Callable[[float], None] = time.sleep) -> EnergyStats:
+                   window_min_s: float = 0.3, precision: float = 0.005,
+                   device: Device | None = None, reader: TickHistory | None = None,
+                   clock: Callable[[], float] = time.perf_counter) -> EnergyStats:
     """One window on ``replay``: J/call to ``precision``, ``window_min_s``..``window_s`` long.
 
     ``per_call_s`` sizes the batches (the slower of the event-timed call and the host's view
-    of a pass, so that timings that miss work cannot queue hours of it); ``device_call_s``
-    (the event-timed call) sets when the host first stops reading and syncs: too early only
-    makes it block longer, too late would leave the GPU idle.
+    of a pass, so that timings that miss work cannot queue hours of it).
     """
     replays = max(1, round(BATCH_S / max(per_call_s * replay.calls, 1e-9)))
-    expect = replays * replay.calls * (device_call_s or per_call_s)
     dev = device or (CudaDevice(replay) if replay.device == "cuda" else HostDevice(replay))
     rule = StopRule(precision, window_min_s, window_s)
-    tr = run_window(dev, nvml.energy_mj, clock, sleep, replays, replay.calls, expect, rule)
+    own = TickReader(nvml.energy_mj, clock).start() if reader is None else None
+    try:
+        tr = run_window(dev, reader or own, clock, replays, replay.calls, rule)
+    finally:
+        if own is not None:
+            own.stop()
     return energy_stats(tr, rule, replays, idle_power_w, power_limit_w)
 
 
@@ -311,7 +358,9 @@ def energy_stats(tr: Trace, rule: StopRule, replays: int, idle_power_w: float | 
     method = {"feed": FEED_METHOD, "batch_s": sorted(spans)[len(spans) // 2] if spans else None,
               "batch_replays": replays, "precision_target": rule.target, "stop": tr.stop,
               "window_min_s": rule.min_s, "window_max_s": rule.max_s,
-              "counter_read_s": tr.read_max_s}
+              "counter_read_s": tr.read_max_s, "reader": READ_METHOD,
+              "period_s": [round(v, 9) for v in tr.period] if tr.period else None,
+              "tick_log": tick_log(tr)}
     if est is None or tr.first is None or tr.last is None:
         return EnergyStats(None, None, None, idle_power_w, 0.0, 0, 0, None,
                            f"no tick-aligned window ({tr.stop})", None, **method)
@@ -342,7 +391,14 @@ def energy_stats(tr: Trace, rule: StopRule, replays: int, idle_power_w: float | 
         batches=len(inside), precision=reached,
         precision_parts={k: v if math.isfinite(v) else None for k, v in parts.items()},
         intervals=[[round(s, 6), round(j, 4), round(c, 1)] for s, j, c in est.interval_rows],
-        **method)
+        tick_fit=est.fitted, **method)
+
+
+def tick_log(tr: Trace) -> list[list[float]]:
+    if not tr.ticks or not tr.batches:
+        return []
+    t0, mj0 = tr.batches[0].start, tr.ticks[0].mj
+    return [[round(k.lo - t0, 6), round(k.hi - t0, 6), k.mj - mj0] for k in tr.ticks]
 
 
 def idle_fraction(batches: list[Batch]) -> float | None:
