@@ -77,6 +77,34 @@ def test_energy_counter_ticks() -> None:
     assert abs(e.s_per_call_in_window / t.median_s - 1) < 0.1, (e, t)
 
 
+def test_energy_window_on_the_counters_period() -> None:
+    """The sweep's reader thread, with a few seconds of history: the counter's period is
+    bounded and the window placed on it, with the GPU kept fed."""
+    import time
+
+    from dqprof.measure.energy import TickReader, measure_energy
+    from dqprof.measure.nvml import open_nvml
+    from dqprof.measure.timing import Replay, time_replay
+
+    nvml, why = open_nvml(0)
+    if nvml is None or not nvml.energy_supported:
+        pytest.skip(why or "no energy counter")
+    src = torch.randn(64 << 20, device="cuda")
+    dst = torch.empty_like(src)
+    replay = Replay([lambda: dst.copy_(src)], "cuda")
+    t = time_replay(replay, 5)
+    reader = TickReader(nvml.energy_mj).start()
+    try:
+        time.sleep(3.0)
+        e = measure_energy(replay, nvml, t.median_s, 1.0, None, None, reader=reader)
+    finally:
+        reader.stop()
+    assert e.flag is None and e.reader == "thread", e
+    assert e.period_s is not None and 0.005 < e.period_s[0] <= e.period_s[1] < 1.0, e
+    assert e.tick_fit, e  # the counter updates on a period within 0.5 ms
+    assert e.gpu_idle_frac < 0.02 and len(e.tick_log) > e.ticks, e
+
+
 def test_short_sweep_records_everything(tmp_path) -> None:
     cfg = SweepConfig(shapes="mlp.down_proj", m=(1, 256), repeats=3, window_s=0.3,
                       backends="bf16,bnb-nf4,bnb-dequant,tinygemm-int4")
