@@ -65,13 +65,15 @@ def nf4_stats(n: int, k: int, nested: bool = True) -> int:
 
 
 def nf4_dequantize(n: int, k: int) -> Traffic:
-    """bitsandbytes' dequantize_4bit alone: read packed weight and stats, write bf16 weight."""
-    return Traffic(weight=n * k // 2, scales=nf4_stats(n, k), intermediate=BF16 * n * k)
+    """bitsandbytes' dequantize_4bit alone: read packed weight and stats (fp32 absmax: vLLM
+    undoes the nesting at load), write bf16 weight."""
+    return Traffic(weight=n * k // 2, scales=nf4_stats(n, k, nested=False),
+                   intermediate=BF16 * n * k)
 
 
 def bnb_nf4_shard(m: int, n: int, k: int, fused: bool) -> Traffic:
     """One matmul_4bit call: the fused gemm_4bit kernel, or dequantize then bf16 GEMM."""
-    t = Traffic(weight=n * k // 2, scales=nf4_stats(n, k), act_in=BF16 * m * k,
+    t = Traffic(weight=n * k // 2, scales=nf4_stats(n, k, nested=False), act_in=BF16 * m * k,
                 act_out=BF16 * m * n)
     if not fused:  # the dequantized weight is written, then read by the GEMM
         t = Traffic(t.weight, t.scales, t.act_in, t.act_out, intermediate=2 * BF16 * n * k)

@@ -44,13 +44,20 @@ def test_int4_grouped_math_matches_torch_tinygemm_on_cpu() -> None:
 
 
 def test_bnb_backend_is_vllm_shaped() -> None:
-    """One matmul_4bit per shard, results in shard order in the fused output."""
+    """One matmul_4bit per shard, results in shard order in the fused output; the statistics
+    plain fp32 absmax, as vLLM's loader leaves them (it undoes bitsandbytes' nesting)."""
     b = create("bnb-nf4")
     shape = LinearShape("qkv", "attn.qkv", 384, 256, (256, 64, 64), ("q", "k", "v"), 1)
     w = (torch.randn(384, 256) * 0.02).to(torch.bfloat16)
     state = b.prepare(w, shape)
     assert [qs.shape[0] for _, qs in state] == [256, 64, 64]
-    assert all(qs.nested and qs.blocksize == 64 for _, qs in state)
+    assert all(not qs.nested and qs.blocksize == 64 and qs.absmax.dtype == torch.float32
+               for _, qs in state)
+    # the same absmax bitsandbytes' nested form decodes to, block for block
+    for (_, qs), start, size in zip(state, (0, 256, 320), (256, 64, 64), strict=True):
+        _, nested = bnbf.quantize_4bit(w[start:start + size].contiguous(), blocksize=64,
+                                       quant_type="nf4", compress_statistics=True)
+        assert torch.allclose(qs.absmax, bnb_absmax(nested), rtol=1e-6)
     x = torch.randn(3, 256, dtype=torch.bfloat16)
     y = b(state, x).float()
     exp = b.expected(state, x)

@@ -1,9 +1,15 @@
 """bitsandbytes NF4, as vLLM 0.20.2 runs it, and its dequantize half on its own.
 
 vLLM quantizes each shard of a fused layer at load time (``quantize_4bit``, NF4, default
-blocksize 64, compressed statistics) and calls ``matmul_4bit`` once per shard, copying every
-result into a freshly allocated fused output (vllm/model_executor/layers/quantization/
-bitsandbytes.py, ``_apply_bnb_4bit``). bitsandbytes >= 0.50 picks per (M, N, K) between its
+blocksize 64, compressed statistics), then undoes the nesting at load so its kernels read one
+fp32 absmax per block (vllm/model_executor/model_loader/bitsandbytes_loader.py,
+``dequantize_dq``: "avoiding this computational overhead during inference"), and calls
+``matmul_4bit`` once per shard, copying every result into a freshly allocated fused output
+(vllm/model_executor/layers/quantization/bitsandbytes.py, ``_apply_bnb_4bit``). Until
+session 6 this backend kept the nested statistics, so every call above the GEMV's M also ran
+bitsandbytes' absmax dequantize (``kDequantizeBlockwise<float, ...>``, 5 us of 128 at
+mlp.gate_up_proj M=256 in profiles/h200/kernels.jsonl) that vLLM does not run.
+bitsandbytes >= 0.50 picks per (M, N, K) between its
 fused ``gemm_4bit`` kernel and dequantize + bf16 GEMM; the attribution shows which ran.
 """
 
@@ -30,9 +36,20 @@ def _quantize_shards(weight: torch.Tensor, shape: LinearShape) -> list[tuple[tor
         w = weight[start:start + size].to(torch.bfloat16).contiguous()
         packed, qs = quantize_4bit(w, blocksize=BLOCKSIZE, compress_statistics=True,
                                    quant_type="nf4")
-        shards.append((packed, qs))
+        shards.append((packed, _plain_statistics(qs)))
         start += size
     return shards
+
+
+def _plain_statistics(qs: Any) -> Any:
+    """What vLLM's loader does to each quantized shard (``dequantize_dq``): the nested absmax
+    decoded once to fp32, so no call decodes it again."""
+    from bitsandbytes.functional import dequantize_blockwise
+
+    if qs.nested:
+        absmax = dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
+        qs.absmax, qs.nested, qs.offset, qs.state2 = absmax.float(), False, None, None
+    return qs
 
 
 def _reference(shards: list[tuple[torch.Tensor, Any]]) -> torch.Tensor:
