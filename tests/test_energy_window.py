@@ -166,17 +166,18 @@ def test_feeder_queues_one_batch_then_syncs_and_polls_nothing_on_the_device() ->
     stats, tr, gpu, ctr = window(noise=0.005)
     replays = stats.batch_replays
     assert replays == round(BATCH_S / gpu.replay_s)
-    # every batch: a begin mark, its launches, an end mark, one sync after exactly that batch
-    i, batches = 0, 0
-    while i < len(gpu.log):
-        assert gpu.log[i] == "mark"
-        j = i + 1
-        while gpu.log[j].startswith("launch"):
-            j += 1
-        assert sum(int(e.split()[1]) for e in gpu.log[i + 1:j]) == replays
-        assert gpu.log[j:j + 2] == ["mark", f"sync after {replays}"]
-        i, batches = j + 2, batches + 1
-    assert batches == len(tr.batches)
+    bridge = round(replays * en.BRIDGE_S / BATCH_S)
+    # every batch: its bridge and then the rest, each between two marks, then one sync for
+    # exactly that batch; the batch after the window's last tick is its bridge alone
+    segments = " ".join(gpu.log).split(" sync after ")
+    sizes = [int(seg.split()[0]) for seg in segments[1:]]
+    assert len(sizes) == len(tr.batches)
+    assert sizes[:-1] == [replays] * (len(sizes) - 1) and sizes[-1] == bridge
+    for seg in segments[:-1]:
+        body = seg.split(" ", 1)[1] if seg[0].isdigit() else seg
+        assert body in (f"mark launch {bridge} mark mark launch {replays - bridge} mark",
+                        f"mark launch {bridge} mark"), body
+    assert sum(b.calls for b in tr.batches) == (sum(sizes)) * CALLS_PER_REPLAY
 
 
 def test_calls_in_the_window_are_within_the_stated_edge_bound() -> None:

@@ -44,6 +44,7 @@ from dqprof.measure.window import Batch, Estimate, StopRule, Tick, estimate, per
 FEED_METHOD = "batch-sync"
 READ_METHOD = "thread"  # the counter is read on its own thread, continuously
 BATCH_S = 0.05  # device time per batch: what the independent Machete harness ran cleanly
+BRIDGE_S = 0.01  # its first part, queued before the host weighs the last batch's ticks
 POLL_S = 2.5e-4  # the reader's sleep between counter reads
 HISTORY_TICKS = 4096  # updates a reader keeps (~7 minutes at the H200's 100 ms)
 # the period is bounded on this much history: long enough to pin it to microseconds, short
@@ -246,27 +247,42 @@ def run_window(device: Device, reader: TickHistory, clock: Callable[[], float],
                replays_per_batch: int, calls_per_replay: int, rule: StopRule) -> Trace:
     """Feed the device batch by batch until the rule closes a tick-aligned window.
 
-    After each sync the next batch is queued first, so the GPU has work while the host reads
-    the synced batch's span and weighs the ticks seen so far; the window ends on the first
-    tick that meets the rule, all of whose batches are synced by then. The batch queued last
-    is waited for, outside the window.
+    After each sync the next batch's first ~10 ms (its bridge) is queued, so the GPU has work
+    while the host reads the synced batch's span and weighs the ticks seen so far; then the
+    rest of the batch. The window ends on the first tick that meets the rule, all of whose
+    batches are synced by then; only the bridge queued after it is waited for, outside the
+    window (a whole 50 ms batch there cost as much again per point).
     """
     tr = Trace()
     marks: list[tuple[Any, Any]] = []
+    bridge = max(1, round(replays_per_batch * BRIDGE_S / BATCH_S))
+    rest = max(0, replays_per_batch - bridge)
 
-    def settle(batch: Batch, begin: Any, end: Any) -> None:
-        """Read a synced batch's device span and the device idle before it."""
+    def settle(q: list) -> None:
+        """Read a synced batch's device span, the device idle before it and inside it."""
+        batch, begin, end, inner = q
         batch.device_s = device.elapsed_s(begin, end)
         if marks:
             batch.gap_before_s = max(0.0, device.elapsed_s(marks[-1][1], begin))
+        if inner is not None:
+            batch.gap_inside_s = max(0.0, device.elapsed_s(*inner))
         marks.append((begin, end))
 
-    def queue() -> tuple[Batch, Any, Any]:
-        batch = Batch(clock(), calls)
+    def queue() -> list:
+        """A batch's first ``bridge`` replays: the GPU's work while the host weighs."""
+        batch = Batch(clock(), bridge * calls_per_replay)
         tr.batches.append(batch)
         begin = device.mark()
-        device.launch(replays_per_batch)
-        return batch, begin, device.mark()
+        device.launch(bridge)
+        return [batch, begin, device.mark(), None]
+
+    def extend(q: list) -> None:
+        """The rest of the batch, behind its bridge (two marks: idle between them is seen)."""
+        if rest:
+            resume = device.mark()
+            device.launch(rest)
+            q[0].calls += rest * calls_per_replay
+            q[2], q[3] = device.mark(), (q[2], resume)
 
     def weigh(i: int, synced_until: float) -> int:
         """Open on the first tick inside busy time, close on the first that meets the rule;
@@ -284,26 +300,28 @@ def run_window(device: Device, reader: TickHistory, clock: Callable[[], float],
             i += 1
         return i
 
-    calls = replays_per_batch * calls_per_replay
     since = clock() - LEAD_S
     give_up = clock() + rule.max_s + 2 * NO_TICK_S  # a window that never opened or closed
     weighed = 0
     running = queue()
+    extend(running)
     while True:
         device.sync()
         running[0].end = clock()
         synced = running
-        if tr.stop is not None:  # the batch queued after the window's last: outside it
-            settle(*synced)
+        if tr.stop is not None:  # the bridge queued after the window's last tick: outside it
+            settle(synced)
             break
         running = queue()  # the GPU has work again: now the bookkeeping
-        settle(*synced)
+        settle(synced)
         tr.ticks = reader.ticks(since)
         weighed = weigh(weighed, synced[0].end)
         if tr.stop is None and clock() - reader.last_change > NO_TICK_S:
             tr.stop = "counter stopped"
         elif tr.stop is None and clock() > give_up:
             tr.stop = "no window"
+        if tr.stop is None:
+            extend(running)
     tr.read_max_s, tr.period = reader.read_max_s, reader.period()
     return tr
 
@@ -405,12 +423,14 @@ def idle_fraction(batches: list[Batch]) -> float | None:
     """Device time between consecutive batches over their whole device span.
 
     Measured by the batches' edge events (device clock, read after each sync): the gap from
-    one batch's end mark to the next one's begin mark is time the GPU had none of our work,
+    one batch's end mark to the next one's begin mark, or from a bridge's end to the rest of
+    its batch, is time the GPU had none of our work,
     which host clocks cannot see (a sync returns some microseconds after the GPU finished).
     Not seen: the first graph's pickup after a begin mark, microseconds per 50 ms batch.
     """
     if len(batches) < 2 or any(b.device_s is None for b in batches):
         return None
     gaps = sum(b.gap_before_s or 0.0 for b in batches[1:])
-    span = sum(b.device_s or 0.0 for b in batches) + gaps
+    span = sum(b.device_s or 0.0 for b in batches) + gaps  # device_s holds inside gaps
+    gaps += sum(b.gap_inside_s for b in batches)
     return gaps / span if span > 0 else None

@@ -192,6 +192,7 @@ class Batch:
     end: float | None = None  # host time the sync returned; None while it runs
     device_s: float | None = None  # begin mark -> end mark on the device clock
     gap_before_s: float | None = None  # device time between the previous end mark and this begin
+    gap_inside_s: float = 0.0  # device idle between its bridge and the rest (energy.py)
 
     @property
     def slack(self) -> float:
@@ -238,7 +239,8 @@ def calls_at(t: float, half: float, batches: list[Batch], spread: float) -> Edge
     """Calls done by host time ``t`` (known to +-``half``), interpolated inside its batch."""
     calls, i, part = _count(t, batches)
     near = batches[i] if i is not None else _nearest(t, batches)
-    reach = half + (near.slack / 2 if near else 0.0)
+    # an idle gap inside a batch moves its calls off the straight line by up to that much
+    reach = half + (near.slack / 2 + near.gap_inside_s if near else 0.0)
     err = max(_count(t + reach, batches)[0] - calls, calls - _count(t - reach, batches)[0])
     if i is not None:
         err += spread * min(part, batches[i].calls - part)
