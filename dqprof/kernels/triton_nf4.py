@@ -26,7 +26,11 @@ Two kernels, picked per call by M (``tile_config``; a tuned table per GPU in
   k-range (split-K fills the SMs when N is small); per 8-weight word a thread does 8 nibble
   extracts, 8 table gathers and 8 * M FMAs against x held in registers (16-byte loads of the 8
   matching x values), fp32 accumulation, absmax per block. Bound by issue (int extract +
-  gather per weight), not by HBM (see docs/triton-nf4.md for the measured figures).
+  gather per weight), not by HBM (see docs/triton-nf4.md for the measured figures). This is
+  GEMV v3 (``decode=table``, the default); ``decode=shfl`` / ``table4`` run GEMV v4
+  (``_nf4_gemv4_kernel``, M <= 4: one absmax per 32 weights, no layout conversion in the
+  loop) with a warp-shuffle level lookup / v3's table gathers. v4 is not timed yet: it stays
+  an option until a GPU run says it is faster (scripts/gpu_nf4_ab.sh).
 * ``mma`` (any M): the transposed product ``y.T = W_deq @ x.T`` on tensor cores, so the
   decoded weight tile is the MMA's first operand, which Hopper's wgmma takes from registers
   (as Machete does): the decoded tile never goes back through shared memory; x.T is the
