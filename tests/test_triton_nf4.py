@@ -70,6 +70,12 @@ CASES: list[tuple[str, int, int, int]] = [
     ("triton-nf4[kernel=mma]", 64, 192, 5),  # K 192: mma BLOCK_K falls back to 64
     ("triton-nf4[block_n=16]", 64, 256, 3),  # gemv, forced BLOCK_N 16
     ("triton-nf4[kernel=mma,block_n=16]", 64, 256, 5),  # mma, forced BLOCK_N 16
+    # GEMV v4 (the interpreter runs the shuffle decode's arithmetic with table loads)
+    ("triton-nf4[decode=shfl]", 128, 512, 1),  # BLOCK_M 1, BLOCK_N 32
+    ("triton-nf4[decode=shfl]", 72, 512, 2),  # BLOCK_M 2, BLOCK_N 32 over N 72: clamped rows
+    ("triton-nf4[decode=shfl]", 64, 512, 3),  # BLOCK_M 4: masked M rows
+    ("triton-nf4[decode=shfl,split_k=2]", 64, 1024, 1),  # split-K + reduction
+    ("triton-nf4[decode=table4]", 64, 192, 2),  # K 192: BLOCK_K 64, two groups a row
 ]
 STATS_FORMS = ("nested", "fp16")
 # x = identity: each output is one dequantized weight, bf16(w) exactly through either kernel
@@ -79,8 +85,12 @@ EXACT_CASES: list[tuple[str, int, int]] = [
     ("triton-nf4[kernel=mma,stats=fp16]", 64, 128),
     ("triton-nf4[kernel=gemv]", 64, 128),
     ("triton-nf4[kernel=gemv,stats=fp16]", 64, 128),
+    ("triton-nf4[kernel=gemv,decode=shfl]", 64, 128),
+    ("triton-nf4[kernel=gemv,decode=shfl,stats=fp16]", 64, 128),
 ]
-GEMV_ROWS = 8  # the GEMV takes M <= 16: the identity goes through it 8 rows at a time
+# the GEMV takes M <= 16 (v4: 4): the identity goes through it 8 (4) rows at a time
+GEMV_ROWS = 8
+GEMV4_ROWS = 4
 
 
 def _with_stats(spec: str, stats: str) -> str:
@@ -148,11 +158,12 @@ def _worker() -> dict[str, Any]:
         b = create(spec)
         state = b.prepare((torch.randn(n, k) * 0.02).to(torch.bfloat16), _shape(n, k))
         eye = torch.eye(k, dtype=torch.bfloat16)
-        rows = GEMV_ROWS if b.opts["kernel"] == "gemv" else k
+        rows = k if b.opts["kernel"] != "gemv" else GEMV4_ROWS if b.opts["decode"] else GEMV_ROWS
         y = torch.cat([b(state, eye[r:r + rows]) for r in range(0, k, rows)])  # [k, n]: W.T
         w = b.reference(state).to(torch.bfloat16).t()
         results["exact"].append({"case": [spec, n, k], "nested": state.nested,
                                  "kernel": b.config(rows, n, k, eye.device).kernel,
+                                 "decode": b.config(rows, n, k, eye.device).decode,
                                  "equal": bool(torch.equal(y, w)),
                                  "max_abs": float((y.float() - w.float()).abs().max())})
     return results
@@ -198,6 +209,11 @@ def test_cases_cover_the_paths(interpreted: dict[str, Any]) -> None:
         assert any(c["kernel"] == kernel and c["block_n"] == 16 for _, c in configs)
     assert any(m == 5 and c["kernel"] == "mma" for m, c in configs)  # forced below M 9
     assert all(c["kernel"] == "gemv" for m, c in configs if m == 1)
+    v4 = [(m, c) for m, c in configs if c["decode"] != "table"]
+    assert {c["block_m"] for _, c in v4} == {1, 2, 4} and {c["decode"] for _, c in v4} == {
+        "shfl", "table4"}
+    assert any(c["split_k"] == 2 for _, c in v4) and any(c["block_k"] == 64 for _, c in v4)
+    assert any(c["block_n"] == 16 for _, c in v4) and any(c["block_n"] == 32 for _, c in v4)
 
 
 @pytest.mark.parametrize("index", range(len(EXACT_CASES)), ids=[s for s, *_ in EXACT_CASES])
@@ -205,6 +221,7 @@ def test_identity_gives_the_bf16_weight(interpreted: dict[str, Any], index: int)
     r = interpreted["exact"][index]
     spec = r["case"][0]
     assert r["kernel"] == ("gemv" if "kernel=gemv" in spec else "mma")
+    assert r["decode"] == ("shfl" if "decode=shfl" in spec else "table")
     assert r["nested"] == ("stats=" not in spec)
     assert r["equal"], r
 
@@ -354,8 +371,10 @@ def test_options_parse_and_validate() -> None:
     assert b.variant == "block_k=64,block_n=16"
     assert create("triton-nf4").variant == ""
     assert create("triton-nf4[kernel=mma,stats=fp32]").opts["stats"] == "fp32"
+    assert create("triton-nf4[decode=shfl]").opts["decode"] == "shfl"
     for bad in ("block_n=24", "block_n=8", "block_k=32", "block_m=3", "split_k=-1",
-                "num_stages=-1", "stats=fp8", "kernel=cuda", "num_warps=3", "tile=4"):
+                "num_stages=-1", "stats=fp8", "kernel=cuda", "num_warps=3", "tile=4",
+                "decode=lds"):
         with pytest.raises(DqprofError):
             create(f"triton-nf4[{bad}]")
 
@@ -378,6 +397,16 @@ def test_tile_heuristic() -> None:
     # decode with few output rows: split-K fills the SMs
     assert heuristic_config(1, 2560, 10240, sms).split_k > 1
     assert heuristic_config(4096, 20480, 2560, sms).num_warps == 8  # the prefill tile
+    # GEMV v4: the decode reaches the GEMV's config only; 32 rows at M = 2 (v3: 16)
+    auto = TritonNf4.options
+    for decode in ("table4", "shfl"):
+        opts = {**auto, "decode": decode}
+        assert tile_config(1, 20480, 2560, sms, opts) == heuristic_config(1, 20480, 2560, sms,
+                                                                          decode=decode)
+        assert tile_config(2, 20480, 2560, sms, opts).block_n == 32
+        assert tile_config(4, 20480, 2560, sms, opts).decode == decode
+        assert tile_config(16, 20480, 2560, sms, opts).decode == "table"  # the MMA
+    assert tile_config(2, 20480, 2560, sms, auto).block_n == 16
 
 
 def test_forced_options_win() -> None:
@@ -395,6 +424,9 @@ def test_forced_options_win() -> None:
         tile_config(17, 2560, 10240, sms, {**auto, "kernel": "gemv"})
     with pytest.raises(ValueError, match="M <= 16"):
         create("triton-nf4[kernel=gemv]").config(32, 2560, 10240, torch.device("cpu"))
+    with pytest.raises(ValueError, match="BLOCK_M <= 4"):  # v4 holds 4 rows' accumulators
+        tile_config(8, 2560, 10240, sms, {**auto, "kernel": "gemv", "decode": "shfl"})
+
 
 
 def _table_data(gpu: str = "NVIDIA H200") -> dict[str, Any]:
@@ -422,10 +454,24 @@ def test_tuned_table_lookup() -> None:
     assert tile_config(65, 2560, 10240, 132, auto, table) == heuristic_config(65, 2560, 10240,
                                                                               132)
     assert tile_config(1, 2560, 10240, 132, {**auto, "split_k": 1}, table).split_k == 1
+    # a forced decode: that decode's heuristic tiles over the table's (tuned for another
+    # decode); forced with the GEMV over the table's MMA, it stays
+    shfl = {**auto, "decode": "shfl"}
+    assert tile_config(1, 2560, 10240, 132, shfl, table) == heuristic_config(
+        1, 2560, 10240, 132, decode="shfl")
+    gemv4 = tile_config(4, 2560, 10240, 132, {**shfl, "kernel": "gemv"}, table)
+    assert (gemv4.kernel, gemv4.block_m, gemv4.decode) == ("gemv", 4, "shfl")
+    assert tile_config(4, 2560, 10240, 132, shfl, table).kernel == "mma"  # the table's
     bad = _table_data()
     bad["entries"][0]["config"]["block_k"] = 0
     with pytest.raises(ValueError, match="entry 0"):
         parse_table(bad, "bad.json")
+    v4 = _table_data()
+    v4["entries"][1]["config"]["decode"] = "shfl"  # a table may name the GEMV's decode
+    assert parse_table(v4, "v4.json").lookup(1, 2560, 10240).decode == "shfl"
+    v4["entries"][1]["config"]["decode"] = "lds"
+    with pytest.raises(ValueError, match="entry 1: decode"):
+        parse_table(v4, "bad.json")
 
 
 def test_tuned_table_files(tmp_path: Path) -> None:
@@ -491,7 +537,11 @@ def test_cpu_without_interpreter_says_why() -> None:
 # ---------------------------------------------------------------------------------------------
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-GPU_SPECS = ("triton-nf4", "triton-nf4[stats=fp16]", "triton-nf4[kernel=mma]")
+GPU_SPECS = ("triton-nf4", "triton-nf4[stats=fp16]", "triton-nf4[kernel=mma]",
+             "triton-nf4[decode=shfl]", "triton-nf4[decode=shfl,stats=fp16]",
+             "triton-nf4[decode=table4]")
+# the GEMV's decodes (GEMV v3's table, v4's table and shuffle: DECODES), as the GPU runs them
+GPU_DECODES = ("table", "table4", "shfl")
 
 
 @pytest.fixture(scope="module")
@@ -511,7 +561,7 @@ def gemma_states() -> Callable[[str, str], Nf4State]:
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("m", (1, 4, 16, 256))
+@pytest.mark.parametrize("m", (1, 2, 3, 4, 16, 256))
 @pytest.mark.parametrize("layer", tuple(GEMMA))
 @pytest.mark.parametrize("spec", GPU_SPECS)
 def test_gpu_gemma_shapes(gemma_states: Callable[[str, str], Nf4State], spec: str, layer: str,
@@ -523,18 +573,43 @@ def test_gpu_gemma_shapes(gemma_states: Callable[[str, str], Nf4State], spec: st
     x = torch.randn(m, state.k, device="cuda", dtype=torch.bfloat16)
     y = b(state, x)
     assert y.shape == (m, state.n) and y.dtype == torch.bfloat16
-    assert b.config(m, state.n, state.k, x.device).kernel == (
-        "mma" if "kernel=mma" in spec or m > 8 else "gemv")
+    cfg = b.config(m, state.n, state.k, x.device)
+    assert cfg.kernel == ("mma" if "kernel=mma" in spec or m > 8 else "gemv")
+    if cfg.kernel == "gemv":
+        assert cfg.decode == (b.opts["decode"] or "table")
     assert rel_error(y, b.expected(state, x)) < REL_TOL
 
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("stats", STATS_FORMS)
+@pytest.mark.parametrize("decode", ("table4", "shfl"))
+def test_gpu_identity_gives_the_bf16_weight(decode: str, stats: str) -> None:
+    """The compiled GEMV v4 (PTX decode included) at x = identity: each output is one weight,
+    bf16(level * absmax) exactly, so every nibble position and code is checked bit for bit.
+    (v4 rounds the nested absmax as the reference does; v3's compiled absmax is one fused
+    multiply-add, so its identity check is the interpreter's.)"""
+    pytest.importorskip("triton")
+    n, k = 256, 512
+    b = create(f"triton-nf4[kernel=gemv,decode={decode},stats={stats}]")
+    gen = torch.Generator(device="cpu").manual_seed(3)
+    state = b.prepare((torch.randn(n, k, generator=gen) * 0.02).to("cuda", torch.bfloat16),
+                      _shape(n, k))
+    eye = torch.eye(k, dtype=torch.bfloat16, device="cuda")
+    assert b.config(GEMV4_ROWS, n, k, eye.device).decode == decode
+    y = torch.cat([b(state, eye[r:r + GEMV4_ROWS]) for r in range(0, k, GEMV4_ROWS)])
+    assert torch.equal(y, b.reference(state).to(torch.bfloat16).t())
+
+
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("m", (1, 16, 256))
-def test_gpu_cuda_graph_capture(gemma_states: Callable[[str], Nf4State], m: int) -> None:
+@pytest.mark.parametrize("decode", GPU_DECODES)
+def test_gpu_cuda_graph_capture(gemma_states: Callable[[str], Nf4State], decode: str,
+                                m: int) -> None:
     """The timed path: captured once, replayed on new inputs, the output follows."""
     pytest.importorskip("triton")
-    b = TritonNf4()
+    b = TritonNf4(decode=decode)
     state = gemma_states("mlp.down_proj")  # split-K at m=1 and 16: two kernels in the graph
     x = torch.randn(m, state.k, device="cuda", dtype=torch.bfloat16)
     stream = torch.cuda.Stream()
@@ -554,9 +629,10 @@ def test_gpu_cuda_graph_capture(gemma_states: Callable[[str], Nf4State], m: int)
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("m", (1, 16, 256))
+@pytest.mark.parametrize("m", (1, 4, 16, 256))
 @pytest.mark.parametrize("layer", tuple(GEMMA))
-def test_gpu_bitsandbytes_bytes(layer: str, m: int) -> None:
+@pytest.mark.parametrize("decode", GPU_DECODES)
+def test_gpu_bitsandbytes_bytes(decode: str, layer: str, m: int) -> None:
     """bitsandbytes' own CUDA quantize_4bit (nested statistics, as vLLM stores them) through
     our kernels: the product of bitsandbytes' own dequantized weight."""
     pytest.importorskip("triton")
@@ -569,7 +645,7 @@ def test_gpu_bitsandbytes_bytes(layer: str, m: int) -> None:
     state = from_bnb(packed, qs, n, k)
     assert state.nested
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    y = TritonNf4()(state, x)
+    y = TritonNf4(decode=decode)(state, x)
     expected = x.float() @ bnbf.dequantize_4bit(packed, qs).float().t()
     assert rel_error(y, expected) < REL_TOL
 

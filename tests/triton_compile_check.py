@@ -7,9 +7,11 @@ time for ``--arch`` (sm_90 by default) with the installed triton, for every Gemm
 shape and every M of the sweep (1, 2, 4, ..., 4096 and 600), with the argument specialization
 triton's launcher would derive on the GPU (16-divisible integers and pointers, integers equal
 to 1 as constants), for the heuristic, the tensor-core kernel forced at every M
-(``kernel=mma``) and the plain fp16 statistics (``stats=fp16``) (``--variant``: any spec's
-options instead). No torch and no driver: the kernels and ``tile_config`` are read out
-of ``dqprof/kernels/triton_nf4.py``, so this runs in a bare ``pip install triton numpy`` venv
+(``kernel=mma``), the plain fp16 statistics (``stats=fp16``) and the GEMV v4 decodes
+(``decode=shfl``, ``decode=table4``; ``--variant``: any spec's options instead). GEMV v4 also
+fails here if its k-loop touches shared memory (``shared_in_loop``: a layout conversion).
+No torch and no driver: the kernels and ``tile_config`` are read out of
+``dqprof/kernels/triton_nf4.py``, so this runs in a bare ``pip install triton numpy`` venv
 (to try another triton version) as well as on the GPU machine (a pre-flight before a sweep).
 ``--quick`` compiles each distinct tile config once instead of every argument specialization;
 ``--asm`` prints registers, spills, shared memory and the k-loop's SASS per config (instructions
@@ -39,10 +41,9 @@ GEMMA4_E4B = ((3072, 2560), (2560, 2048), (6144, 2560), (2560, 4096), (20480, 25
               (2560, 10240), (256, 2560), (2560, 256), (10752, 2560))
 SWEEP_M = tuple(1 << i for i in range(13)) + (600,)
 tl: Any = None  # triton.language, bound by main() (the probe kernel resolves it here)
-# the jitted helpers the kernels call by name, and the inline PTX they take as constexprs
-HELPERS = ("_nf4_absmax", "_nf4_levels", "_nf4_decode8", "_nf4_load_x8", "_nf4_word_dot")
-_NEEDED = ("BLOCKSIZE", "TileConfig", "tile_config", "_nf4_gemv_kernel", "_nf4_mma_kernel",
-           "_nf4_splitk_reduce", "_DECODE8_PTX", "_LOAD_X8_PTX", *HELPERS)
+# PTX and HELPERS: the inline PTX and the jitted helpers the kernels take by name
+_NEEDED = ("BLOCKSIZE", "TileConfig", "tile_config", "_nf4_gemv_kernel", "_nf4_gemv4_kernel",
+           "_nf4_mma_kernel", "_nf4_splitk_reduce", "PTX", "HELPERS")
 
 
 def _stdlib_import(node: ast.Import | ast.ImportFrom) -> bool:
@@ -86,9 +87,8 @@ def load(triton_language: Any = None, path: Path = KERNEL_FILE) -> dict[str, Any
     if triton_language is not None:  # what triton_nf4._kernels() binds on first use
         import triton
 
-        ns.update(_DECODE8=triton_language.constexpr(ns["_DECODE8_PTX"]),
-                  _LOAD_X8=triton_language.constexpr(ns["_LOAD_X8_PTX"]))
-        ns.update({name: triton.jit(ns[name]) for name in HELPERS})
+        ns.update({name: triton_language.constexpr(ptx) for name, ptx in ns["PTX"].items()})
+        ns.update({f.__name__: triton.jit(f) for f in ns["HELPERS"]})
     return ns
 
 
@@ -115,16 +115,19 @@ class Job:
         ints = ",".join(f"{k}={v}" for k, v in self.constexprs if not k.isupper())
         stats = "nested" if c["NESTED"] else dict(self.signature)["a_ptr"][1:]
         group = f" GN={c['GROUP_N']}" if "GROUP_N" in c else ""
+        group += f" SHFL={int(c['SHFL'])}" if "SHFL" in c else ""
         return (f"{self.kernel} stats={stats} BM={c['BLOCK_M']} BN={c['BLOCK_N']} "
                 f"BK={c['BLOCK_K']} SK={c['SPLIT_K']}{group} w={self.num_warps} "
                 f"s={self.num_stages}" + (f" [{ints}]" if ints else ""))
 
 
 AUTO = {"kernel": "", "block_m": 0, "block_n": 0, "block_k": 0, "split_k": 0, "num_warps": 0,
-        "num_stages": 0, "stats": "nested"}
-STRING_OPTS = ("kernel", "stats")
-# what the sweep and the GPU tests run: the heuristic, tensor cores at every M, plain stats
-VARIANTS = ("", "kernel=mma", "stats=fp16")
+        "num_stages": 0, "stats": "nested", "decode": ""}
+STRING_OPTS = ("kernel", "stats", "decode")
+# what the sweep and the GPU tests run: the heuristic, tensor cores at every M, plain stats,
+# and the GEMV v4 decodes (the shuffle decode is PTX only: the interpreter cannot run it)
+VARIANTS = ("", "kernel=mma", "stats=fp16", "decode=shfl", "decode=table4",
+            "decode=shfl,stats=fp16")
 STATS_PTR = {"nested": "*u8", "fp16": "*fp16", "fp32": "*fp32"}
 # a stand-in for the level table's address words: the low word is 64-byte aligned
 LUT_LO, LUT_HI = 0x1234_5640, 0x7F3A
@@ -140,6 +143,8 @@ def parse_variant(text: str) -> dict[str, Any]:
         opts[key] = value if key in STRING_OPTS else int(value)
     if opts["stats"] not in STATS_PTR:
         raise SystemExit(f"unknown triton-nf4 stats {opts['stats']!r}")
+    if opts["decode"] not in ("", "table", "table4", "shfl"):
+        raise SystemExit(f"unknown triton-nf4 decode {opts['decode']!r}")
     return opts
 
 
@@ -151,6 +156,8 @@ def jobs(ns: dict[str, Any], shapes=GEMMA4_E4B, ms=SWEEP_M, sms: int = 132,
         opts = parse_variant(variant)
         nested = opts["stats"] == "nested"
         cfg = ns["tile_config"](m, n, k, sms, opts)
+        # GEMV v4 (_nf4_gemv4_kernel) for the decodes other than v3's table
+        kernel = "gemv4" if cfg.kernel == "gemv" and cfg.decode != "table" else cfg.kernel
         # as nf4_matmul passes them: row strides in int32 words and in blocks, x's row stride,
         # the output's row and split strides
         ints = {"M": m, "N": n, "K": k, "kw": k // 8, "kb": k // ns["BLOCKSIZE"],
@@ -179,10 +186,12 @@ def jobs(ns: dict[str, Any], shapes=GEMMA4_E4B, ms=SWEEP_M, sms: int = 132,
                  ("SPLIT_K", cfg.split_k)]
         if cfg.kernel == "mma":
             tiles.append(("GROUP_N", cfg.group_n))
+        if kernel == "gemv4":
+            tiles.append(("SHFL", cfg.decode == "shfl"))
         for name, v in (*tiles, ("NESTED", nested), ("ASM", True)):
             sig.append((name, "constexpr"))
             consts.append((name, v))
-        job = Job(cfg.kernel, tuple(sig), tuple(consts), tuple(div), cfg.num_warps,
+        job = Job(kernel, tuple(sig), tuple(consts), tuple(div), cfg.num_warps,
                   cfg.num_stages)
         out.setdefault(job, []).append((variant, m, n, k))
         if cfg.split_k > 1:
@@ -209,48 +218,62 @@ def compile_job(job: Job, kernels: dict[str, Any], arch: int) -> Any:
                           options={"num_warps": job.num_warps, "num_stages": job.num_stages})
 
 
-def _sass_loop(sass: str) -> tuple[int, int, int]:
-    """(instructions, barriers, global loads) in the longest loop of a SASS listing: the
-    k-loop, one k-tile per trip."""
+def _loop_ops(sass: str) -> list[str]:
+    """The opcodes of the longest loop of a SASS listing: the k-loop, one k-tile per trip."""
     ins = [(int(a, 16), text.strip())
            for a, text in re.findall(r"/\*([0-9a-f]{4,6})\*/\s+([^;]*);", sass)]
     loops = [(int(t.split()[-1], 16), a) for a, t in ins
              if "BRA" in t and int(t.split()[-1], 16) < a]
     if not loops:
-        return 0, 0, 0
+        return []
     lo, hi = max(loops, key=lambda span: span[1] - span[0])
-    ops = [t.split()[1] if t.startswith("@") else t.split()[0] for a, t in ins if lo <= a <= hi]
+    return [t.split()[1] if t.startswith("@") else t.split()[0] for a, t in ins if lo <= a <= hi]
+
+
+def _sass_loop(sass: str) -> tuple[int, int, int]:
+    """(instructions, barriers, global loads) in the k-loop."""
+    ops = _loop_ops(sass)
     return (len(ops), sum(op.startswith("BAR") for op in ops),
             sum(op.startswith("LDG") for op in ops))
 
 
-def asm_summary(compiled: Any) -> str:
-    """Registers, spills (ptxas' stack/local bytes), shared memory, a few PTX counts, and the
-    k-loop's SASS: instructions per warp per k-tile, CTA barriers, global loads."""
+def _sass(compiled: Any, flag: str = "-sass") -> str:
+    """cuobjdump's listing of the compiled kernel ('' where there is no cuobjdump)."""
     import subprocess
     import tempfile
 
     from triton import knobs
 
+    try:
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            return subprocess.run([knobs.nvidia.cuobjdump.path, flag, f.name],
+                                  capture_output=True, text=True, timeout=60).stdout
+    except Exception:  # noqa: BLE001 -- best effort
+        return ""
+
+
+def shared_in_loop(sass: str) -> list[str]:
+    """GEMV v4's k-loop must not touch shared memory (no layout conversion, no barrier): the
+    opcodes that do, if any (Triton may keep a conversion in its IR that moves no data)."""
+    return sorted({op for op in _loop_ops(sass) if op.split(".")[0] in (
+        "BAR", "STS", "LDS", "STSM", "LDSM")})
+
+
+def asm_summary(compiled: Any) -> str:
+    """Registers, spills (ptxas' stack/local bytes), shared memory, a few PTX counts, and the
+    k-loop's SASS: instructions per warp per k-tile, CTA barriers, global loads."""
     ptx = compiled.asm.get("ptx", "")
     n_async = len(re.findall(r"cp\.async\.c[ag]", ptx))
     text = (f"smem={compiled.metadata.shared}B cp.async={n_async} "
             f"wgmma={ptx.count('wgmma.mma_async')} mma.sync={ptx.count('mma.sync')}")
-    try:
-        tool = knobs.nvidia.cuobjdump.path
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(compiled.asm["cubin"])
-            f.flush()
-            res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True,
-                                 timeout=60).stdout
-            sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True,
-                                  timeout=60).stdout
-        use = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", res))
+    use = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", _sass(compiled, "-res-usage")))
+    sass = _sass(compiled)
+    if use and sass:
         n, bars, ldg = _sass_loop(sass)
         text = (f"regs={use['REG']} stack={use['STACK']} local={use['LOCAL']} {text} "
                 f"loop: {n} instr {bars} BAR {ldg} LDG")
-    except Exception:  # noqa: BLE001 -- the summary is best effort
-        pass
     return text
 
 
@@ -275,10 +298,13 @@ def _run(index: int) -> tuple[int, bool, str]:
             src = ASTSource(_WORK["probe"], {"out_ptr": "*fp32"}, {}, {})
             triton.compile(src, target=GPUTarget("cuda", _WORK["arch"], 32))
             return index, True, "probe"
-        compiled = compile_job(_WORK["jobs"][index], _WORK["kernels"], _WORK["arch"])
+        job = _WORK["jobs"][index]
+        compiled = compile_job(job, _WORK["kernels"], _WORK["arch"])
     except Exception as e:  # noqa: BLE001 -- report every failing config
         lines = str(e).strip().splitlines()
         return index, False, f"{type(e).__name__}: {lines[-1] if lines else ''}"
+    if job.kernel == "gemv4" and (ops := shared_in_loop(_sass(compiled))):
+        return index, False, f"shared memory in GEMV v4's k-loop: {' '.join(ops)}"
     extra = f" {asm_summary(compiled)}" if _WORK["asm"] else ""
     return index, True, f"{time.perf_counter() - t:.1f}s{extra}"
 
@@ -312,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     _WORK.update(jobs=list(todo), arch=args.arch, asm=args.asm,
                  probe=triton.jit(_probe_kernel),
                  kernels={"gemv": triton.jit(ns["_nf4_gemv_kernel"]),
+                          "gemv4": triton.jit(ns["_nf4_gemv4_kernel"]),
                           "mma": triton.jit(ns["_nf4_mma_kernel"]),
                           "reduce": triton.jit(ns["_nf4_splitk_reduce"])})
     print(f"triton {triton.__version__}, sm_{args.arch}: {len(todo)} compilations", flush=True)

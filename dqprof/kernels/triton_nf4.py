@@ -26,7 +26,11 @@ Two kernels, picked per call by M (``tile_config``; a tuned table per GPU in
   k-range (split-K fills the SMs when N is small); per 8-weight word a thread does 8 nibble
   extracts, 8 table gathers and 8 * M FMAs against x held in registers (16-byte loads of the 8
   matching x values), fp32 accumulation, absmax per block. Bound by issue (int extract +
-  gather per weight), not by HBM (see docs/triton-nf4.md for the measured figures).
+  gather per weight), not by HBM (see docs/triton-nf4.md for the measured figures). This is
+  GEMV v3 (``decode=table``, the default); ``decode=shfl`` / ``table4`` run GEMV v4
+  (``_nf4_gemv4_kernel``, M <= 4: one absmax per 32 weights, no layout conversion in the
+  loop) with a warp-shuffle level lookup / v3's table gathers. v4 is not timed yet: it stays
+  an option until a GPU run says it is faster (scripts/gpu_nf4_ab.sh).
 * ``mma`` (any M): the transposed product ``y.T = W_deq @ x.T`` on tensor cores, so the
   decoded weight tile is the MMA's first operand, which Hopper's wgmma takes from registers
   (as Machete does): the decoded tile never goes back through shared memory; x.T is the
@@ -67,13 +71,22 @@ LUT_BYTES = 16 * 4  # the 16 NF4 levels in fp32: one 64-byte L1 line
 GEMV_MAX_M = 16  # the CUDA-core kernel: M FMAs per weight; tensor cores beyond
 DEFAULT_SMS = 132  # H100/H200 SXM; used where no CUDA device answers (interpreter runs)
 STATS = ("nested", "fp16", "fp32")
+# the GEMV's decode: "table" is GEMV v3 (_nf4_gemv_kernel: L1 table gathers, the default until
+# a GPU run says otherwise); GEMV v4 (_nf4_gemv4_kernel) with L1 table gathers ("table4") or
+# warp shuffles ("shfl"). See docs/triton-nf4.md for their SASS.
+DECODES = ("table", "table4", "shfl")
+GEMV4_MAX_M = 4  # v4 holds one accumulator per row of x
 _PLAIN_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
 # triton.language, bound by _kernels() on first use: no module here imports an optional
 # package at import time, and the kernels below resolve ``tl`` through this module's globals.
 tl: Any = None
-_DECODE8: Any = None  # the PTX below, as tl.constexpr (bound with tl)
+_DECODE8: Any = None  # the PTX below, as tl.constexpr (bound with tl; see PTX)
 _LOAD_X8: Any = None
+_SHFL8: Any = None
+_ABSMAX_NESTED: Any = None
+_ABSMAX_FP16: Any = None
+_ABSMAX_FP32: Any = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,6 +101,33 @@ def _nf4_absmax(a_ptr, a2_ptr, code2_ptr, offset, flat, mask, NESTED: tl.constex
         return tl.load(code2_ptr + q) * scale + offset
     else:
         return tl.load(a_ptr + flat, mask=mask, other=0.0).to(tl.float32)
+
+
+def _nf4_absmax_rows(a_ptr, a2_ptr, code2_ptr, offset, flat, NESTED: tl.constexpr,
+                     ASM: tl.constexpr):
+    """_nf4_absmax without a mask (``flat`` always in bounds). On the GPU as PTX loads: a
+    tl.load is an anchor whose layout Triton picks from the pointer alone, and it picked rows
+    across the threads, which cost a layout conversion through shared memory per k-tile."""
+    if NESTED:
+        if ASM:
+            return tl.inline_asm_elementwise(_ABSMAX_NESTED, "=r,l,l,l,r",
+                                             [(a_ptr + flat).to(tl.int64),
+                                              code2_ptr.to(tl.int64),
+                                              (a2_ptr + flat // 256).to(tl.int64), offset],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            q = tl.load(a_ptr + flat).to(tl.int32)
+            return tl.load(code2_ptr + q) * tl.load(a2_ptr + flat // 256) + offset
+    else:
+        if ASM:
+            if a_ptr.dtype.element_ty == tl.float16:
+                return tl.inline_asm_elementwise(_ABSMAX_FP16, "=r,l", [a_ptr + flat],
+                                                 dtype=tl.float32, is_pure=True, pack=1)
+            else:
+                return tl.inline_asm_elementwise(_ABSMAX_FP32, "=r,l", [a_ptr + flat],
+                                                 dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            return tl.load(a_ptr + flat).to(tl.float32)
 
 
 def _nf4_levels(lut_ptr, codes, ASM: tl.constexpr):
@@ -161,6 +201,154 @@ def _nf4_decode8(words, lut_ptr, lut_lo, lut_hi, ASM: tl.constexpr):
                 tl.load(lut_ptr + ((words >> 12) & 15)), tl.load(lut_ptr + ((words >> 8) & 15)),
                 tl.load(lut_ptr + ((words >> 20) & 15)), tl.load(lut_ptr + ((words >> 16) & 15)),
                 tl.load(lut_ptr + ((words >> 28) & 15)), tl.load(lut_ptr + ((words >> 24) & 15)))
+
+
+# GEMV v4, the shuffle decode: lane l of every warp holds level[l % 16] in one register (t),
+# and a nibble's level is shfl.sync.idx from lane (word >> shift): shfl reads only the index's
+# low 5 bits, and lanes l and l + 16 hold the same level, so the next nibble's bit there is
+# harmless. Per weight one shift (none for bits 0-3) and one SHFL: no address, no shared
+# memory. t is loaded in the same PTX as the shuffles, so it is always the executing lane's
+# own (a value Triton held as a tensor could be moved between threads); ptxas hoists the
+# load out of the loop and shares it between all the decodes ($8 the word, $9 and $10 the
+# table address's low and high words; the table is 64-byte aligned).
+_SHFL8_PTX = "\n".join(
+    ["{", ".reg .b32 i<8>, l; .reg .b64 a; .reg .f32 t;",
+     "mov.u32 l, %laneid; and.b32 l, l, 15; shl.b32 l, l, 2; or.b32 l, l, $9;",
+     "mov.b64 a, {l, $10}; ld.global.nc.f32 t, [a];"]
+    + [(f"shr.u32 i{j}, $8, {sh};" if sh else f"mov.b32 i{j}, $8;")
+       + f" shfl.sync.idx.b32 ${j}, t, i{j}, 31, -1;"
+       for j, sh in enumerate((4, 0, 12, 8, 20, 16, 28, 24))]
+    + ["}"])
+# a block's fp32 absmax: nested (code at $1 into the map at $2, times the fp32 at $3, plus the
+# offset $4), or plain fp16 / fp32 at $1. Rounded as bitsandbytes rounds it (the product, then
+# the sum: .rn keeps ptxas from fusing them)
+_ABSMAX_NESTED_PTX = ("{ .reg .b32 q; .reg .b64 p; .reg .f32 c, s; ld.global.nc.u8 q, [$1];"
+                      " mul.wide.u32 p, q, 4; add.s64 p, p, $2; ld.global.nc.f32 c, [p];"
+                      " ld.global.nc.f32 s, [$3]; mul.rn.f32 c, c, s; add.rn.f32 $0, c, $4; }")
+_ABSMAX_FP16_PTX = "{ .reg .b16 h; ld.global.nc.b16 h, [$1]; cvt.f32.f16 $0, h; }"
+_ABSMAX_FP32_PTX = "ld.global.nc.f32 $0, [$1];"
+
+
+def _nf4_decode8_v4(words, lut_ptr, lut_lo, lut_hi, SHFL: tl.constexpr, ASM: tl.constexpr):
+    """_nf4_decode8, by warp shuffle (SHFL) or by the L1 table; the interpreter loads the
+    table either way (the same fp32 levels: the arithmetic after the decode is the same)."""
+    if ASM and SHFL:
+        zero = words * 0
+        return tl.inline_asm_elementwise(_SHFL8, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r",
+                                         [words, zero + lut_lo, zero + lut_hi],
+                                         dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+    else:
+        return _nf4_decode8(words, lut_ptr, lut_lo, lut_hi, ASM)
+
+
+def _nf4_word_fma(v0, v1, v2, v3, v4, v5, v6, v7, xr, s, ASM: tl.constexpr):
+    """s + sum_j v_j * x_j (8 FFMAs in k order), x_j broadcast over the rows."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = _nf4_load_x8(xr, ASM)
+    s = tl.fma(v0, x0[None, :], s)
+    s = tl.fma(v1, x1[None, :], s)
+    s = tl.fma(v2, x2[None, :], s)
+    s = tl.fma(v3, x3[None, :], s)
+    s = tl.fma(v4, x4[None, :], s)
+    s = tl.fma(v5, x5[None, :], s)
+    s = tl.fma(v6, x6[None, :], s)
+    return tl.fma(v7, x7[None, :], s)
+
+
+def _nf4_word_rows(w, xk, stride_xm, M, s0, s1, s2, s3, lut_ptr, lut_lo, lut_hi,
+                   BLOCK_M: tl.constexpr, SHFL: tl.constexpr, ASM: tl.constexpr):
+    """One word's 8 levels (decoded once) into the group sums of up to 4 rows of x (rows past
+    M read row 0, in bounds; their sums are not stored)."""
+    v0, v1, v2, v3, v4, v5, v6, v7 = _nf4_decode8_v4(w, lut_ptr, lut_lo, lut_hi, SHFL, ASM)
+    s0 = _nf4_word_fma(v0, v1, v2, v3, v4, v5, v6, v7, xk, s0, ASM)
+    if BLOCK_M >= 2:
+        s1 = _nf4_word_fma(v0, v1, v2, v3, v4, v5, v6, v7, tl.where(1 < M, xk + stride_xm, xk),
+                           s1, ASM)
+    if BLOCK_M >= 4:
+        s2 = _nf4_word_fma(v0, v1, v2, v3, v4, v5, v6, v7,
+                           tl.where(2 < M, xk + 2 * stride_xm, xk), s2, ASM)
+        s3 = _nf4_word_fma(v0, v1, v2, v3, v4, v5, v6, v7,
+                           tl.where(3 < M, xk + 3 * stride_xm, xk), s3, ASM)
+    return s0, s1, s2, s3
+
+
+def _nf4_gemv4_kernel(
+    x_ptr, w_ptr, a_ptr, a2_ptr, code2_ptr, lut_ptr, out_ptr,
+    M, N, K, kw, kb, offset, stride_xm, stride_om, stride_os, lut_lo, lut_hi,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, NESTED: tl.constexpr, SHFL: tl.constexpr, ASM: tl.constexpr,
+):
+    """GEMV v4 (M <= 4): _nf4_gemv_kernel's product over [BLOCK_N, groups] tensors, a group
+    being 4 consecutive words of a row (32 weights, one 16-byte load, half an NF4 block).
+
+    The words' tl.load is the one anchor in the loop: its 16-byte layout puts a row's groups
+    across the threads of a warp and several rows in each thread's registers, and splitting
+    the loaded [BLOCK_N, words] into each group's 4 words moves no data. Per group: one absmax
+    (v3 decoded one per word) from PTX loads (a tl.load there was an anchor of its own, and
+    cost a shared-memory layout conversion per k-tile), one FMA chain over its 32 weights per
+    row of x and one FMA into that row's accumulator; the group's 32 x values are loaded and
+    widened once for all the rows a thread holds. Rows past N are clamped to N - 1 (in bounds,
+    never stored) instead of masked. No branch in the loop: every lane runs every shuffle."""
+    G: tl.constexpr = BLOCK_K // 32
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_g = tl.arange(0, G)
+    offs_w = tl.arange(0, BLOCK_K // 8)
+    offs_m = tl.arange(0, BLOCK_M)
+    k_tiles = K // BLOCK_K
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    kt_lo = pid_k * per_split
+    kt_hi = tl.minimum(kt_lo + per_split, k_tiles)
+    rows = tl.minimum(offs_n, N - 1)
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * kw
+    a_rows = rows[:, None] * kb  # int32: the host checks N * K / 64 < 2**31
+
+    r0 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+    r1 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+    r2 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+    r3 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+    for kt in range(kt_lo, kt_hi):
+        words = tl.load(w_rows + (kt * (BLOCK_K // 8) + offs_w)[None, :])
+        # [rows, 4 g + 2 a + b] -> [rows, g, a, b]; split takes the last axis (b) first
+        w_even, w_odd = tl.split(tl.reshape(words, (BLOCK_N, G, 2, 2)))
+        w0, w2 = tl.split(w_even)
+        w1, w3 = tl.split(w_odd)
+        xk = x_ptr + kt * BLOCK_K + offs_g * 32
+        s0 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+        s1 = s0
+        s2 = s0
+        s3 = s0
+        s0, s1, s2, s3 = _nf4_word_rows(w0, xk, stride_xm, M, s0, s1, s2, s3, lut_ptr, lut_lo,
+                                        lut_hi, BLOCK_M, SHFL, ASM)
+        s0, s1, s2, s3 = _nf4_word_rows(w1, xk + 8, stride_xm, M, s0, s1, s2, s3, lut_ptr,
+                                        lut_lo, lut_hi, BLOCK_M, SHFL, ASM)
+        s0, s1, s2, s3 = _nf4_word_rows(w2, xk + 16, stride_xm, M, s0, s1, s2, s3, lut_ptr,
+                                        lut_lo, lut_hi, BLOCK_M, SHFL, ASM)
+        s0, s1, s2, s3 = _nf4_word_rows(w3, xk + 24, stride_xm, M, s0, s1, s2, s3, lut_ptr,
+                                        lut_lo, lut_hi, BLOCK_M, SHFL, ASM)
+        blk = (kt * BLOCK_K + offs_g * 32) // 64
+        a_g = _nf4_absmax_rows(a_ptr, a2_ptr, code2_ptr, offset, a_rows + blk[None, :], NESTED,
+                               ASM)
+        r0 = tl.fma(s0, a_g, r0)
+        if BLOCK_M >= 2:
+            r1 = tl.fma(s1, a_g, r1)
+        if BLOCK_M >= 4:
+            r2 = tl.fma(s2, a_g, r2)
+            r3 = tl.fma(s3, a_g, r3)
+
+    acc = tl.where(offs_m[None, :] == 0, tl.sum(r0, axis=1)[:, None], 0.0)
+    if BLOCK_M >= 2:
+        acc += tl.where(offs_m[None, :] == 1, tl.sum(r1, axis=1)[:, None], 0.0)
+    if BLOCK_M >= 4:
+        acc += tl.where(offs_m[None, :] == 2, tl.sum(r2, axis=1)[:, None], 0.0)
+        acc += tl.where(offs_m[None, :] == 3, tl.sum(r3, axis=1)[:, None], 0.0)
+    out = (out_ptr + pid_k.to(tl.int64) * stride_os + offs_m.to(tl.int64)[None, :] * stride_om
+           + offs_n[:, None])
+    mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+    if SPLIT_K == 1:
+        tl.store(out, acc.to(tl.bfloat16), mask=mask)
+    else:
+        tl.store(out, acc, mask=mask)
 
 
 def _nf4_gemv_kernel(
@@ -309,6 +497,15 @@ def _nf4_splitk_reduce(ws_ptr, y_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.const
     tl.store(y_ptr + offs, acc.to(tl.bfloat16), mask=mask)
 
 
+# what _kernels() binds (and tests/triton_compile_check.py, which compiles without torch): the
+# inline PTX as constexprs under the names the helpers use, and the jitted helpers
+PTX = {"_DECODE8": _DECODE8_PTX, "_LOAD_X8": _LOAD_X8_PTX, "_SHFL8": _SHFL8_PTX,
+       "_ABSMAX_NESTED": _ABSMAX_NESTED_PTX, "_ABSMAX_FP16": _ABSMAX_FP16_PTX,
+       "_ABSMAX_FP32": _ABSMAX_FP32_PTX}
+HELPERS = (_nf4_absmax, _nf4_absmax_rows, _nf4_levels, _nf4_decode8, _nf4_load_x8,
+           _nf4_word_dot, _nf4_decode8_v4, _nf4_word_fma, _nf4_word_rows)
+
+
 @functools.cache
 def _kernels() -> SimpleNamespace:
     """The jitted kernels (interpreted when TRITON_INTERPRET=1 was set before triton loaded)."""
@@ -318,12 +515,10 @@ def _kernels() -> SimpleNamespace:
 
     tl = triton.language
     # a jitted function's globals must be constexpr
-    globals().update(_DECODE8=tl.constexpr(_DECODE8_PTX), _LOAD_X8=tl.constexpr(_LOAD_X8_PTX))
-    helpers = {f.__name__: triton.jit(f) for f in (_nf4_absmax, _nf4_levels, _nf4_decode8,
-                                                  _nf4_load_x8, _nf4_word_dot)}
-    globals().update(helpers)  # the kernels call the jitted helpers by name
-    return SimpleNamespace(gemv=triton.jit(_nf4_gemv_kernel), mma=triton.jit(_nf4_mma_kernel),
-                           reduce=triton.jit(_nf4_splitk_reduce))
+    globals().update({name: tl.constexpr(ptx) for name, ptx in PTX.items()})
+    globals().update({f.__name__: triton.jit(f) for f in HELPERS})  # called by name
+    return SimpleNamespace(gemv=triton.jit(_nf4_gemv_kernel), gemv4=triton.jit(_nf4_gemv4_kernel),
+                           mma=triton.jit(_nf4_mma_kernel), reduce=triton.jit(_nf4_splitk_reduce))
 
 
 def _check_interpreter(device: torch.device) -> None:
@@ -355,6 +550,7 @@ class TileConfig:
     num_warps: int
     num_stages: int
     group_n: int = 8
+    decode: str = "table"  # the GEMV's (DECODES); the MMA kernel has one decode
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -382,17 +578,20 @@ def _auto_split(tiles: int, k_tiles: int, target: int, min_iters: int, max_split
     return best
 
 
-def heuristic_config(m: int, n: int, k: int, sms: int, kernel: str = "") -> TileConfig:
+def heuristic_config(m: int, n: int, k: int, sms: int, kernel: str = "",
+                     decode: str = "table") -> TileConfig:
     """The fallback when no tuned table matches (and the start point of `dqprof tune`);
-    ``kernel`` forces one kernel's tiles at any M it takes."""
+    ``kernel`` forces one kernel's tiles at any M it takes, ``decode`` the GEMV's decode."""
     m = max(m, 1)
     if kernel == "gemv" or (not kernel and m <= 4):  # decode: CUDA cores, one weight pass
         bm = 1 << (m - 1).bit_length()
-        # M > 1 holds a [BLOCK_N, words] accumulator per row: narrower tiles stay in registers
-        bn, bk, warps = (32 if m == 1 else 16), _divisor_block_k(k, 512), 4
+        # v3 holds a [BLOCK_N, words] accumulator per row of x: narrower tiles stay in
+        # registers at M > 1; v4's accumulators are 4x smaller, 32 rows fit at M = 2 (72 regs)
+        bn = 32 if m == 1 or (m == 2 and decode != "table") else 16
+        bk, warps = _divisor_block_k(k, 512), 4
         tiles = _cdiv(n, bn)
         split = _auto_split(tiles, k // bk, 4 * sms, 2, 16)
-        return TileConfig("gemv", bm, bn, bk, split, warps, 1)
+        return TileConfig("gemv", bm, bn, bk, split, warps, 1, decode=decode)
     if m <= 64:  # small batches: still bandwidth-bound, the MMA's N is the batch (>= 16)
         bm = max(16, 1 << (m - 1).bit_length())
         bn, bk, warps, stages = 64, _divisor_block_k(k, 128), 4, 3
@@ -410,23 +609,32 @@ def heuristic_config(m: int, n: int, k: int, sms: int, kernel: str = "") -> Tile
 
 def tile_config(m: int, n: int, k: int, sms: int, opts: dict[str, Any],
                 table: Any = None) -> TileConfig:
-    """The config of one call: forced options > tuned table > heuristic."""
-    cfg = (table.lookup(m, n, k) if table is not None else None) or heuristic_config(m, n, k, sms)
+    """The config of one call: forced options > tuned table > heuristic. A forced decode
+    other than the table entry's takes that decode's heuristic tiles (as a forced kernel does)."""
+    decode = opts.get("decode") or ""
+    cfg = (table.lookup(m, n, k) if table is not None else None) or heuristic_config(
+        m, n, k, sms, decode=decode or "table")
+    if cfg.kernel == "gemv" and decode and decode != cfg.decode:
+        cfg = heuristic_config(m, n, k, sms, decode=decode)
     forced = {key: opts[key] for key in ("kernel", "block_m", "block_n", "block_k", "split_k",
                                          "num_warps", "num_stages") if opts.get(key)}
     if forced:
         if forced.get("kernel", cfg.kernel) != cfg.kernel:  # another kernel: its own defaults
-            cfg = _other_kernel(forced["kernel"], m, n, k, sms)
+            cfg = _other_kernel(forced["kernel"], m, n, k, sms, decode or "table")
         cfg = replace(cfg, **forced)
     if cfg.kernel == "gemv" and m > GEMV_MAX_M:
         raise ValueError(f"triton-nf4 kernel=gemv takes M <= {GEMV_MAX_M} (M={m})")
+    if cfg.kernel == "gemv" and cfg.decode != "table" and cfg.block_m > GEMV4_MAX_M:
+        raise ValueError(f"triton-nf4 decode={cfg.decode} takes BLOCK_M <= {GEMV4_MAX_M} "
+                         f"(M={m}, BLOCK_M={cfg.block_m})")
     if k % cfg.block_k:
         cfg = replace(cfg, block_k=_divisor_block_k(k, cfg.block_k))
     return cfg
 
 
-def _other_kernel(kernel: str, m: int, n: int, k: int, sms: int) -> TileConfig:
-    return heuristic_config(min(m, GEMV_MAX_M) if kernel == "gemv" else m, n, k, sms, kernel)
+def _other_kernel(kernel: str, m: int, n: int, k: int, sms: int, decode: str) -> TileConfig:
+    return heuristic_config(min(m, GEMV_MAX_M) if kernel == "gemv" else m, n, k, sms, kernel,
+                            decode)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -547,11 +755,21 @@ def nf4_matmul(st: Nf4State, x: torch.Tensor, cfg: TileConfig) -> torch.Tensor:
     # triton sees them divisible by 16 and loads 16 bytes a thread
     args = (x, st.packed.view(torch.int32), st.absmax, a2, code2, st.lut, out, m, n, k, k // 8,
             k // 64, st.offset, x.stride(0), n, m * n)
-    if cfg.kernel == "gemv":
+    if cfg.kernel == "gemv" and cfg.decode == "table":
         kern.gemv[(_cdiv(n, cfg.block_n), cfg.split_k)](
             *args, *_split_address(st.lut), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             BLOCK_K=cfg.block_k,
             SPLIT_K=cfg.split_k, NESTED=st.nested, ASM=x.is_cuda, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
+    elif cfg.kernel == "gemv":
+        if cfg.decode not in DECODES or cfg.block_m > GEMV4_MAX_M:
+            raise ValueError(f"triton-nf4 GEMV v4: decode={cfg.decode!r}, BLOCK_M={cfg.block_m}")
+        if n * (k // BLOCKSIZE) >= 1 << 31:  # v4 indexes the statistics in int32
+            raise ValueError(f"triton-nf4 decode={cfg.decode}: N * K / 64 must be < 2**31")
+        kern.gemv4[(_cdiv(n, cfg.block_n), cfg.split_k)](
+            *args, *_split_address(st.lut), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, NESTED=st.nested,
+            SHFL=cfg.decode == "shfl", ASM=x.is_cuda, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages)
     else:
         grid = (_cdiv(m, cfg.block_m) * _cdiv(n, cfg.block_n), cfg.split_k)
@@ -584,7 +802,7 @@ class TritonNf4(Backend):
     requires = ("triton",)
     devices = ("cuda",)
     options = {"kernel": "", "block_m": 0, "block_n": 0, "block_k": 0, "split_k": 0,
-               "num_warps": 0, "num_stages": 0, "stats": "nested", "tuned": True}
+               "num_warps": 0, "num_stages": 0, "stats": "nested", "decode": "", "tuned": True}
 
     def __init__(self, **options: Any):
         super().__init__(**options)
@@ -598,6 +816,9 @@ class TritonNf4(Backend):
                 raise ValueError(f"triton-nf4 option {key}={o[key]!r}: an integer >= 0 (0: auto)")
         if o["stats"] not in STATS:
             raise ValueError(f"triton-nf4 option stats={o['stats']!r}: one of {', '.join(STATS)}")
+        if o["decode"] not in ("", *DECODES):
+            raise ValueError(f"triton-nf4 option decode={o['decode']!r}: one of "
+                             f"{', '.join(DECODES)} (empty: {DECODES[0]})")
         if o["kernel"] not in ("", "gemv", "mma"):
             raise ValueError(f"triton-nf4 option kernel={o['kernel']!r}: gemv or mma")
         self._table = None

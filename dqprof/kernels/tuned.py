@@ -41,6 +41,8 @@ class TunedTable:
 
 def parse_table(data: dict[str, Any], path: str) -> TunedTable:
     """A table from its JSON; ValueError naming what is wrong."""
+    from dqprof.kernels.triton_nf4 import DECODES
+
     if data.get("schema") != SCHEMA or not isinstance(data.get("entries"), list):
         raise ValueError(f"not a schema-{SCHEMA} triton-nf4 table")
     entries: dict[tuple[int, int], list[tuple[int, dict[str, Any]]]] = {}
@@ -52,6 +54,8 @@ def parse_table(data: dict[str, Any], path: str) -> TunedTable:
             for key in ("block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages"):
                 if not isinstance(cfg.get(key), int) or cfg[key] < 1:
                     raise ValueError(f"{key}={cfg.get(key)!r}")
+            if cfg.get("decode", DECODES[0]) not in DECODES:  # absent: the default decode
+                raise ValueError(f"decode {cfg['decode']!r}")
             entries.setdefault((int(e["n"]), int(e["k"])), []).append((int(e["m_max"]), cfg))
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"entry {i}: {err}") from None
