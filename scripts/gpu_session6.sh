@@ -4,19 +4,21 @@
 # vLLM bundle (../shared/device/stage-gpu-deps --vllm, re-split into 55 MB parts) travels with
 # the first three calls. The sweep folder runs/h200 is git-ignored, so it stays on the warm
 # machine between calls and every call resumes it; each call also sends it back under $OUT.
-#   A (carry part_00): GPU tests of the energy window and triton-nf4; energy check of the
-#     paths without vLLM (bf16, tinygemm-int4, triton-nf4): idle share, precision reached,
-#     window length, back-to-back repeat spread and how often it lies within the stated
-#     precision (scripts/gpu_energy_check.py, ~1.5 min)
-#   B (carry part_01): the full default sweep of bf16, tinygemm-int4, triton-nf4 (390 points):
-#     wall time per point and per phase under the new window (~5 min expected)
-#   C (carry part_02 + unpack.sh): energy check with Marlin and Machete (vLLM), then the rest
-#     of the default sweep, resumed (`--resume` keeps every point already measured)
+#   A (carry part_00): GPU tests of the energy window; energy check of the paths without
+#     vLLM (bf16, tinygemm-int4, triton-nf4): idle share, precision reached, window length,
+#     back-to-back repeat spread and how often it lies within the stated precision
+#     (scripts/gpu_energy_check.py, ~2 min)
+#   B (carry part_01): triton-nf4's GEMV decode A/B (scripts/gpu_nf4_ab.sh: its GPU tests
+#     gate which decodes are timed, ~4 min)
+#   C (carry part_02 + unpack.sh): energy check with Marlin and Machete (vLLM), then the
+#     default sweep of every path into runs/h200 (1440 points)
 #   D, E ...: `bash scripts/gpu_session6.sh sweep` until the sweep reports nothing left
+#     (`--resume` keeps every point already measured)
 # Then: commit runs/h200/{kernels.jsonl,run.json} to profiles/h200/ unedited with this
 # command beside it, regenerate README's headline and docs/h200-report from it.
-# Full-model runs (dqprof model run, incl. dqprof_nf4 and fp8) and the triton-nf4 decode A/B
-# need another session's device time: they are not in this batch.
+# If B shows a v4 decode faster and correct, make it the default before the sweep (C) so the
+# profile holds it. Full-model runs (dqprof model run, incl. dqprof_nf4 and fp8) need another
+# session's device time: they are not in this batch.
 #   bash scripts/gpu_session6.sh A|B|C|sweep
 set -uo pipefail
 export PYTHONPATH=${GPU_SITE:-/tmp/gpu-site}:$PWD PYTHONUNBUFFERED=1
@@ -54,20 +56,20 @@ PY
 
 case "${1:-}" in
 A)
-  timeout 150 python3 -m pytest -q -m gpu tests/test_triton_nf4.py tests/test_gpu.py \
+  timeout 150 python3 -m pytest -q -m gpu tests/test_gpu.py \
     > "$OUT/gpu-tests.log" 2>&1; echo "gpu tests rc=$?"; tail -3 "$OUT/gpu-tests.log"
   DQPROF_CHECK_BACKENDS=bf16,tinygemm-int4,triton-nf4 timeout 300 \
     python3 scripts/gpu_energy_check.py > "$OUT/energy-check-a.log" 2>&1
   echo "energy check rc=$?"; tail -8 "$OUT/energy-check-a.log"
   tar -czf "$OUT/energy-check-a.tar.gz" -C "$OUT" energy-check && rm -rf "$OUT/energy-check" ;;
 B)
-  sweep bf16,tinygemm-int4,triton-nf4 ;;
+  bash scripts/gpu_nf4_ab.sh ;;
 C)
   python3 -c "import vllm, bitsandbytes, gemlite; print('vllm', vllm.__version__, 'bnb', bitsandbytes.__version__)" 2>&1 | tail -1
   timeout 200 python3 scripts/gpu_energy_check.py > "$OUT/energy-check-c.log" 2>&1
   echo "energy check rc=$?"; tail -6 "$OUT/energy-check-c.log"
   tar -czf "$OUT/energy-check-c.tar.gz" -C "$OUT" energy-check && rm -rf "$OUT/energy-check"
-  STEP_S=300 sweep "" ;;
+  STEP_S=360 sweep "" ;;
 sweep)
   sweep "" ;;
 *)
