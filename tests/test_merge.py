@@ -135,6 +135,12 @@ def test_shards_from_two_boards_keep_each_board(tmp_path):
                                                                   ("GPU-b000", ["2/2"])]
     assert info["boards"][0]["ceilings"] == {"copy_bytes_per_s": 4e12}
     assert [s["board"]["uuid"] for s in info["merged_from"]] == ["GPU-aaaa", "GPU-b000"]
+    # these records name no board of their own (as before dqprof kept one): the merged run's
+    # environment is shard 1's, so the gate must not take it for every record's board
+    from dqprof.gate.compare import load_side
+
+    assert set(load_side(tmp_path / "all").boards.values()) == {None}
+    assert set(load_side(a).boards.values()) == {"GPU-aaaa"}
 
 
 def test_different_gpus_are_refused_unless_forced(tmp_path):
