@@ -130,7 +130,9 @@ def bench(
         help="A suite file (TOML) setting model, shapes, M, backends and method; flags "
              "override it.")] = None,
     shard: Annotated[str, typer.Option(help="Run part i of n of the plan (i/n), e.g. one "
-                                       "process per GPU; join with `dqprof merge`.")] = "1/1",
+                                       "process per GPU; join with `dqprof merge`. A part "
+                                       "takes whole shapes (every backend of a shape on one "
+                                       "board).")] = "1/1",
     gpus: Annotated[str | None, typer.Option(
         help="Spread the sweep over GPUs: 'all' or indices like 0,2; one worker process per "
              "GPU on shard i/n, one merged run folder (--resume continues it on any number "
@@ -216,6 +218,8 @@ def _bench_gpus(cfg: Any, run_dir: Path, gpus: str, resume: bool, retry_failed: 
     from dqprof.parallel import Runner
 
     runner = Runner(cfg, run_dir, gpus, resume, retry_failed)  # bad --gpus: exit 2 here
+    for note in runner.notes:
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False)
     last = [0.0]
 
     def show(line: str) -> None:

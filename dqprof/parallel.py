@@ -8,7 +8,10 @@ and when all have ended joins every shard folder into ``OUT/kernels.jsonl`` and 
 (each board's name, UUID, idle power and ceilings kept under ``boards``; each record names its
 board). A worker that dies loses only its point in flight: its shard is recorded incomplete, the
 others finish, the exit code is non-zero, and ``--resume`` (on any number of GPUs) measures only
-what no shard folder holds yet. ``DQPROF_FAKE_GPUS="uuid=name,..."`` stands in for the host's
+what no shard folder holds yet. A shard takes whole shapes (``sweep.shard_groups``), so a plan
+of fewer shapes than GPUs runs on as many GPUs as it has shapes. Resumed on another number of
+GPUs, a shape begun on one board may be finished on another; the gate then says that its
+points' bf16 ran on another board. ``DQPROF_FAKE_GPUS="uuid=name,..."`` stands in for the host's
 GPUs, so the runner is tested on CPU with ``--device cpu`` workers.
 """
 
@@ -230,8 +233,14 @@ class Runner:
         self.retry_failed = retry_failed
         self.command = command or default_command
         self.show = show or (lambda line: None)
-        self.model, _ = plan(cfg)  # plan errors before anything starts
+        self.model, groups = plan(cfg)  # plan errors before anything starts
         self.gpus = select_gpus(spec, visible_gpus())
+        self.notes: list[str] = []
+        shapes = len({g.shape.name for g in groups})
+        if 0 < shapes < len(self.gpus):  # a shard takes whole shapes: the rest would idle
+            self.notes.append(f"the plan has {shapes} shape(s) and every backend of a shape "
+                              f"runs on one GPU: {shapes} of the {len(self.gpus)} GPUs used")
+            self.gpus = self.gpus[:shapes]
         held = kernels_path(self.run_dir).exists() or bool(shard_folders(self.run_dir))
         if held and not resume:
             raise DqprofError(f"{self.run_dir} already holds results: pass --resume to "

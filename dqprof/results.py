@@ -169,10 +169,14 @@ def board_identity(env: dict[str, Any]) -> dict[str, Any] | None:
 
 def record_board(rec: dict[str, Any], run: dict[str, Any]) -> str | None:
     """The UUID of the board that measured ``rec``: its own ``board`` field, else its run's
-    GPU (records written before dqprof kept ``board``); None where neither says."""
+    GPU (records written before dqprof kept ``board``) where the run had one board; None where
+    neither says."""
     own = normal_uuid(dig(rec, "board", "uuid"))
     if own:
         return own
+    boards = run.get("boards") if isinstance(run, dict) else None
+    if isinstance(boards, list) and len(boards) > 1:  # merged from several boards: the run's
+        return None  # environment is its first source's, not necessarily this record's
     return normal_uuid(dig(run, "environment", "gpu", "uuid"))
 
 

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from dqprof.cli import app
 from dqprof.gate.boards import board_folder, load_baseline, partner_key, write_board_baselines
 from dqprof.gate.compare import IMPROVEMENT, REGRESSION, Gate, compare, load_side, run_regress
-from dqprof.results import load_records, write_run
+from dqprof.results import load_records, point_key, write_run
 
 ROOT = Path(__file__).resolve().parents[1]
 GATE = ROOT / "profiles" / "h200" / "gate"
@@ -182,6 +182,28 @@ def test_no_bf16_to_calibrate_by_is_loud_and_time_still_gates(tmp_path):
     report = run_regress(BASELINE, cur)  # baseline board unknown, no bf16 in the current run
     assert report.exit_code == 1 and len(report.of(REGRESSION)) == 6
     assert any("not gated at all" in w for w in report.warnings)
+
+
+def test_a_point_whose_bf16_is_missing_or_on_another_board_says_so(tmp_path):
+    """Never a silent fallback: the point's note and a warning say per bf16 was not there."""
+    gone = point_key("gemma-4-e4b", "mlp.down_proj", 16, "bf16")
+    moved = point_key("gemma-4-e4b", "mlp.gate_up_proj", 16, "bf16")
+    cur = write_side(tmp_path / "cur", GATE / "smoke-b", BOARD_B, OFFSET_W)
+    kept = [on_board(r, BOARD_C) if r["key"] == moved else r for r in load_records(cur)
+            if r["key"] != gone]
+    (cur / "kernels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    report = run_regress(BASELINE, cur)
+    notes = {p.key: p.note for p in report.points}
+    for key, why in ((gone, "is not in the current run"), (moved, "ran on another board")):
+        partners = [k for k in notes if k.startswith(key.split("|bf16|")[0] + "|")
+                    and "|bf16|" not in k]
+        assert len(partners) == 5  # the quantized paths at that shape and M
+        for k in partners:
+            assert f"board factor alone: bf16 at this shape and M {why}" in notes[k], notes[k]
+            assert report.points[[p.key for p in report.points].index(k)].change(
+                "energy").basis == "board factor"
+        assert any(w.startswith("energy of 5 point(s) gated by the board factor alone")
+                   and why in w for w in report.warnings), report.warnings
 
 
 def test_partner_key_matches_bf16_at_the_same_point():

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from dqprof.cli import app
 from dqprof.results import RecordWriter, load_records, point_key, write_run
-from dqprof.sweep import SweepConfig, plan
+from dqprof.sweep import DEFAULT_M, SweepConfig, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "tests" / "data" / "tiny-llama.json")
@@ -31,6 +31,47 @@ def test_shards_partition_the_plan_exactly(model):
         seen = [k for s in shards for k in s]
         assert len(seen) == len(set(seen)), f"shards of {n} overlap"
         assert set(seen) == set(whole), f"shards of {n} do not cover the plan"
+
+
+@pytest.mark.parametrize("model", ["gemma-4-e4b", TINY])
+def test_a_shape_never_spans_shards_and_shards_stay_balanced(model):
+    """The gate normalizes each point's energy by bf16 at its shape and M on the same board:
+    every backend of a shape, bf16 among them, lands in one shard (one board)."""
+    whole = plan(SweepConfig(model=model))[1]
+    shapes = {g.shape.name for g in whole}
+    biggest = max(sum(g.cost for g in whole if g.shape.name == s) for s in shapes)
+    for n in (2, 3, 4, 7):
+        shards = [plan(SweepConfig(model=model, shard=(i, n)))[1] for i in range(1, n + 1)]
+        owners = {}
+        for i, groups in enumerate(shards):
+            for g in groups:
+                assert owners.setdefault(g.shape.name, i) == i, f"{g.shape.name} spans shards"
+            assert [g.keys for g in groups] == [g.keys for g in whole
+                                                if owners.get(g.shape.name) == i]  # plan order
+        costs = [sum(g.cost for g in groups) for groups in shards]
+        assert max(costs) - min(costs) <= biggest  # at most one shape's points apart
+        assert all(costs) or n > len(shapes)
+        again = [plan(SweepConfig(model=model, shard=(i, n)))[1] for i in range(1, n + 1)]
+        assert [[g.keys for g in s] for s in again] == [[g.keys for g in s] for s in shards]
+
+
+def test_cost_counts_the_points_a_group_measures():
+    whole = plan(SweepConfig())[1]
+    lm_head = [g for g in whole if g.shape.name == "lm_head"]
+    assert {g.cost for g in lm_head if g.backend.name == "bf16"} == {len(DEFAULT_M)}
+    assert {g.cost for g in lm_head if g.backend.quantized} == {0}  # skipped: stays bf16
+    assert {g.cost for g in whole if g.backend.m_independent and g.shape.name != "lm_head"} == {1}
+
+
+def test_an_empty_shard_says_so(tmp_path):
+    out = tmp_path / "empty"
+    result = runner.invoke(app, ["bench", "--device", "cpu", "--model", TINY, "--shapes",
+                                 "lm_head", "--backends", "bf16", "--m", "1", "--repeats", "2",
+                                 "--no-energy", "--no-attribution", "--hot", "--shard", "2/2",
+                                 "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "shard 2/2 holds no points" in " ".join(result.output.split())
+    assert load_records(out) == []
 
 
 def cpu_shard(tmp_path: Path, i: int, n: int) -> Path:
@@ -94,6 +135,12 @@ def test_shards_from_two_boards_keep_each_board(tmp_path):
                                                                   ("GPU-b000", ["2/2"])]
     assert info["boards"][0]["ceilings"] == {"copy_bytes_per_s": 4e12}
     assert [s["board"]["uuid"] for s in info["merged_from"]] == ["GPU-aaaa", "GPU-b000"]
+    # these records name no board of their own (as before dqprof kept one): the merged run's
+    # environment is shard 1's, so the gate must not take it for every record's board
+    from dqprof.gate.compare import load_side
+
+    assert set(load_side(tmp_path / "all").boards.values()) == {None}
+    assert set(load_side(a).boards.values()) == {"GPU-aaaa"}
 
 
 def test_different_gpus_are_refused_unless_forced(tmp_path):

@@ -3,6 +3,7 @@ tiny sweep; the merge, a worker killed mid-shard, and --resume on another number
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -114,10 +115,14 @@ def test_two_gpus_one_merged_folder_same_records_as_a_plain_run(fake_gpus, tmp_p
     workers = info["sessions"][-1]["workers"]
     assert [w["shard"] for w in workers] == ["1/2", "2/2"]
     assert all(w["complete"] and w["exit_code"] == 0 for w in workers)
-    # each shard folder holds what its worker measured, the merged file all of it
+    # each shard folder holds what its worker measured, the merged file all of it; a shape's
+    # points all on one GPU (the gate's per-bf16 energy needs them on one board)
+    layers = []
     for w in workers:
         shard = load_records(out / w["folder"])
         assert {r["key"] for r in shard} <= {r["key"] for r in recs} and shard
+        layers.append({r["layer"] for r in shard})
+    assert not layers[0] & layers[1]
 
     plain = tmp_path / "plain"
     assert cli("bench", *ARGS, "-o", str(plain))[0] == 0
@@ -165,6 +170,15 @@ def test_a_killed_worker_loses_only_its_point_in_flight_and_resume_completes(fak
     # a different sweep is not resumed into this folder
     code, text = cli("bench", *ARGS[:-1], "--gpus", "0", "--resume", "-o", str(out))
     assert code == 2 and "differs" in text
+
+
+def test_more_gpus_than_shapes_runs_one_gpu_per_shape(fake_gpus, tmp_path):
+    cfg = dataclasses.replace(tiny_cfg(), shapes="lm_head")
+    r = Runner(cfg, tmp_path / "one", "all")
+    assert [w.gpu.uuid for w in r.workers] == ["GPU-fake-0000"] and r.workers[0].shard == (1, 1)
+    assert "1 of the 2 GPUs used" in r.notes[0]
+    assert r.run() == 0
+    assert [rec["key"] for rec in load_records(tmp_path / "one")] == r.workers[0].keys
 
 
 def test_worker_config_round_trips(tmp_path):

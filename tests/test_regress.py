@@ -4,6 +4,7 @@ same code a sweep uses, on the ci-smoke plan's keys, with seeded run-to-run nois
 from __future__ import annotations
 
 import json
+import math
 import random
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -225,6 +226,68 @@ def _edit(run: Path, key: str, fn) -> None:
         if r["key"] == key:
             fn(r)
     (run / "kernels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def batch_sync(edges: float, spread: float = 0.01, window_s: float | None = None):
+    """An edit making a record look like the batch-sync feeder's: its window states its own
+    precision (the parts as the H200's session-5 records give them: edges 0.6-5.6 %)."""
+    def fn(r: dict) -> None:
+        parts = {"spread": spread, "edges": edges, "counter": 1e-5}
+        r["energy"].update(feed="batch-sync", precision=sum(parts.values()),
+                           precision_parts=parts, precision_target=0.005, stop="max")
+        if window_s is not None:
+            r["energy"]["window_s"] = window_s
+    return fn
+
+
+def test_energy_noise_of_batch_sync_records_is_their_own_edge_error():
+    rec = record(("mlp.down_proj", 16, "bnb-nf4"), time_dict(1e-5, 0.0, random.Random(0)),
+                 energy_dict(1e-5, random.Random(0), window_s=0.5))
+    # records without energy.feed (the chunked feeder, e.g. bench/baselines/h200.jsonl): one
+    # 5 ms chunk at each end of the window
+    assert rg.window_edge(rec) == pytest.approx(2 * CHUNK_S / 0.5)
+    batch_sync(edges=0.031, spread=0.047)(rec)
+    assert rg.window_edge(rec) == pytest.approx(0.031)
+    # the spread is not added on top: time jitter and drift already stand for it
+    assert rg.energy_noise(rec) == pytest.approx(0.031, abs=1e-3)
+    del rec["energy"]["precision_parts"]  # a batch-sync window that does not say: not compared
+    assert "precision" in rg.energy_doubt(rec) and rg.sustained_time(rec) is None
+
+
+@pytest.mark.parametrize("edges, window_s, change, fails", [
+    (0.035, 0.5, 1.09, False),  # its own edges (3.5 %) are wider than 2 x 5 ms / 0.5 s
+    (0.002, 0.2, 1.09, True),  # and narrower than 2 x 5 ms / 0.2 s
+])
+def test_energy_band_of_batch_sync_records_follows_their_stated_edges(tmp_path, edges, window_s,
+                                                                      change, fails):
+    base = make_run(tmp_path / "base", seed=1)
+    cur = make_run(tmp_path / "cur", seed=1, energy_scale={KEY: change})
+    for run in (base, cur):
+        _edit(run, KEY, batch_sync(edges, window_s=window_s))
+    assert gate(tmp_path, base, cur).exit_code == int(fails)
+    if not fails:
+        assert "energy beyond threshold but within noise band" in (
+            tmp_path / "summary.md").read_text()
+
+
+def test_old_baseline_against_batch_sync_run_takes_each_sides_own_edge():
+    rng = random.Random(0)
+    old = record(("mlp.down_proj", 16, "bnb-nf4"), time_dict(1e-5, 0.0, rng),
+                 energy_dict(1e-5, rng, window_s=0.5))
+    new = json.loads(json.dumps(old))
+    batch_sync(edges=0.03)(new)
+    p = rg.compare_point(KEY, old, new, rg.Gate())
+    band = p.change("energy").band
+    assert band == pytest.approx(2 * math.hypot(2 * CHUNK_S / 0.5, 0.03), rel=0.05)
+
+
+def test_batch_sync_record_without_its_precision_is_not_energy_compared(tmp_path):
+    base = make_run(tmp_path / "base", seed=1)
+    cur = make_run(tmp_path / "cur", seed=1, energy_scale={KEY: 1.3})
+    _edit(cur, KEY, lambda r: r["energy"].update(feed="batch-sync"))
+    assert gate(tmp_path, base, cur).exit_code == 0
+    row = next(x for x in (tmp_path / "summary.md").read_text().splitlines() if md(KEY) in x)
+    assert "energy not compared: current: energy window states no call-count precision" in row
 
 
 def test_power_capped_point_is_timed_by_its_sustained_figure(tmp_path):

@@ -4,7 +4,9 @@
 #   bash bench/slurm/sweep-array.sh                 # submits both jobs (SHARDS=4 by default)
 #   SHARDS=8 OUT=runs/full bash bench/slurm/sweep-array.sh
 # Tasks of one array may land on different boards (or nodes) of one GPU model: each record
-# names its board, and `dqprof regress` normalizes energy across boards. A node with several
+# names its board, and `dqprof regress` normalizes energy across boards; a shard takes whole
+# shapes (bf16 beside each shape's other backends), so SHARDS beyond the suite's shape count
+# (10 in bench/full.toml) leaves tasks with nothing to measure. A node with several
 # GPUs can run `dqprof bench --gpus all` in one job instead.
 set -euo pipefail
 SHARDS=${SHARDS:-4}

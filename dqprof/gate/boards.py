@@ -12,8 +12,10 @@ normalized within each run by a calibration the same run measured:
   root-sum-square of all four records' energy noise.
 - **board factor**: the baseline's energy scaled by the median current/baseline energy ratio
   of the bf16 points that pair of boards measured (the board power factor; its spread enters
-  the band). Points without a bf16 partner (bf16 itself, bnb-dequant at m=0, or a multi-GPU
-  run whose shard put the bf16 group on another GPU) are gated on this alone.
+  the band). Points without a bf16 partner (bf16 itself, bnb-dequant at m=0) are gated on this
+  alone; so are points whose bf16 partner is missing, untrusted or on another board in either
+  run, and each says so in its note and in a warning. Shards (``bench --shard``, ``--gpus``)
+  keep every backend of a shape together, so within one sweep bf16 is on the same board.
 
 Where a point has both, it gets an energy verdict only when both agree (each beyond threshold
 and band; the weaker one is shown). Each is wrong in its own way when boards differ by a static
@@ -40,7 +42,15 @@ from pathlib import Path
 from typing import Any
 
 from dqprof.errors import DqprofError
-from dqprof.gate.compare import Change, Gate, Side, _positive, energy_noise, load_side
+from dqprof.gate.compare import (
+    Change,
+    Gate,
+    Side,
+    _positive,
+    energy_doubt,
+    energy_noise,
+    load_side,
+)
 from dqprof.results import (
     KERNELS_FILE,
     dig,
@@ -59,7 +69,7 @@ def short(uuid: str | None) -> str:
 
 
 def trusted_energy(rec: dict[str, Any] | None) -> float | None:
-    if rec is None or rec.get("status") != "ok" or dig(rec, "energy", "flag"):
+    if rec is None or rec.get("status") != "ok" or energy_doubt(rec):
         return None
     e = dig(rec, "energy", "j_per_call")
     return float(e) if _positive(e) else None
@@ -100,6 +110,7 @@ class CrossBoard:
         self.factors: dict[tuple[str, str], BoardFactor] = {}
         self.crossed: dict[tuple[str, str], int] = {}  # pair of boards -> points compared
         self.uncalibrated = 0
+        self.partnerless: dict[str, int] = {}  # why per bf16 was missing -> points
         ratios: dict[tuple[str, str], list[float]] = {}
         for key, b in base.records.items():
             c = cur.records.get(key)
@@ -138,8 +149,11 @@ class CrossBoard:
                                k * math.hypot(energy_noise(base), energy_noise(cur),
                                               factor.noise),
                                self.gate.max_energy_increase, basis="board factor")
-        per_bf16 = self._per_bf16(key)
+        per_bf16, lacking = self._per_bf16(key)
         notes = [self._absolute_note(eb, ec)]
+        if lacking and by_factor is not None:  # said, never a silent fallback
+            self.partnerless[lacking] = self.partnerless.get(lacking, 0) + 1
+            notes.append(f"board factor alone: {lacking}")
         if factor is not None and pair not in self.factors:
             notes.append(f"run-wide board factor {factor.value:.3f} (this pair of boards "
                          f"measured no bf16)")
@@ -149,7 +163,7 @@ class CrossBoard:
                 self.uncalibrated += 1
                 return None, (f"energy not gated: boards differ (or are unknown) and no bf16 "
                               f"point measured on both sides calibrates them (absolute "
-                              f"{ec / eb - 1:+.1%})")
+                              f"{ec / eb - 1:+.1%})" + (f"; {lacking}" if lacking else ""))
         else:  # a verdict needs both calibrations to agree: see the module's docstring
             change = per_bf16 if STRENGTH[per_bf16.verdict] <= STRENGTH[by_factor.verdict] \
                 else by_factor
@@ -159,21 +173,29 @@ class CrossBoard:
                              f"would say {other.verdict}")
         return change, "; ".join(n for n in notes if n)
 
-    def _per_bf16(self, key: str) -> Change | None:
-        """Energy over bf16's at the same point, bf16 measured on the same board, each side."""
+    def _per_bf16(self, key: str) -> tuple[Change | None, str]:
+        """Energy over bf16's at the same point, bf16 measured on the same board, each side;
+        else None and why, where the point has a bf16 partner to be normalized by."""
         base, cur = self.base.records[key], self.cur.records[key]
         pk = partner_key(base)
-        if not pk:
-            return None
+        if not pk:  # bf16 itself, M-independent points: the board factor is their calibration
+            return None, ""
         pb, pc = self.base.records.get(pk), self.cur.records.get(pk)
-        ebp, ecp = trusted_energy(pb), trusted_energy(pc)
-        if not (ebp and ecp and self.base.board(pk) == self.base.board(key)
-                and self.cur.board(pk) == self.cur.board(key)):
-            return None
+        for name, side, partner in (("baseline", self.base, pb), ("current", self.cur, pc)):
+            if partner is None:
+                return None, f"bf16 at this shape and M is not in the {name} run"
+            if trusted_energy(partner) is None:
+                return None, (f"bf16 at this shape and M has no trusted energy in the {name} "
+                              f"run ({partner['status']}"
+                              + (f", {why}" if (why := energy_doubt(partner)) else "") + ")")
+            if side.board(pk) != side.board(key):
+                return None, (f"bf16 at this shape and M ran on another board in the {name} "
+                              f"run (the shape's points were split across boards)")
         band = self.gate.noise_k * math.hypot(energy_noise(base), energy_noise(pb),
                                               energy_noise(cur), energy_noise(pc))
-        return Change("energy", trusted_energy(base) / ebp, trusted_energy(cur) / ecp,  # type: ignore[operator]
-                      band, self.gate.max_energy_increase, basis="per bf16")
+        return Change("energy", trusted_energy(base) / trusted_energy(pb),  # type: ignore[operator]
+                      trusted_energy(cur) / trusted_energy(pc),  # type: ignore[operator]
+                      band, self.gate.max_energy_increase, basis="per bf16"), ""
 
     def _absolute_note(self, eb: float, ec: float) -> str:
         """The absolute change, where it alone would have given a verdict."""
@@ -201,6 +223,9 @@ class CrossBoard:
                        f"board {short(None if c == '?' else c)}; energy of {n} point(s) gated "
                        f"normalized within each run (per bf16 at the same point, else by the "
                        f"board factor), absolute energy shown, not gated; {fac}")
+        for why, n in sorted(self.partnerless.items()):
+            out.append(f"energy of {n} point(s) gated by the board factor alone, not per bf16 "
+                       f"at the same shape and M: {why}")
         if self.uncalibrated:
             out.append(f"energy of {self.uncalibrated} point(s) not gated at all: the boards "
                        f"differ and the runs share no bf16 point to calibrate by (add bf16 to "

@@ -8,8 +8,9 @@ change is a regression only when it is beyond BOTH the threshold (``max_slowdown
     band = noise_k * sqrt(noise_baseline**2 + noise_current**2)
 
 where a side's time noise is its ``time.rel_spread`` (IQR / median of the timing samples) and
-its energy noise adds the call-count resolution of the energy window and the clock drift the
-window saw (see ``energy_noise``). A point that ran into the power cap on either side is timed
+its energy noise adds the energy window's call-count error at its two ends (the record's own
+figure where its feeder states one, see ``window_edge``) and the clock drift the window saw
+(see ``energy_noise``). A point that ran into the power cap on either side is timed
 by its sustained time per call inside the energy window instead of the burst median (see
 ``time_change``).
 Why ``noise_k = 2``: the median of n samples has a standard error of about
@@ -39,9 +40,9 @@ from dqprof.errors import DqprofError
 from dqprof.results import KERNELS_FILE, RUN_FILE, dig, load_records, record_board, write_atomic
 
 NOISE_K = 2.0
-# measure.energy.CHUNK_S (not imported: that module pulls in torch). The energy window counts
-# calls per chunk of this much device time, so its call count is exact to about one chunk at
-# each end of the window.
+# measure.energy.CHUNK_S (not imported: that module pulls in torch). The chunked feeder (records
+# without ``energy.feed``) counted calls per chunk of this much device time, so its call count is
+# exact to about one chunk at each end of the window. Later feeders state their own edge error.
 ENERGY_EDGE_S = 5e-3
 # What the environment check compares: a difference in any of these makes timings suspect.
 ENV_FIELDS = (
@@ -199,8 +200,19 @@ def time_noise(rec: dict[str, Any]) -> float:
     return float(s) if isinstance(s, int | float) and math.isfinite(s) and s > 0 else 0.0
 
 
+def energy_doubt(rec: dict[str, Any]) -> str | None:
+    """Why a record's energy window is not to be compared (its own flag, or a window that does
+    not say how well it counted its calls), or None."""
+    flag = dig(rec, "energy", "flag")
+    if flag:
+        return str(flag)
+    if dig(rec, "energy", "feed") and math.isinf(window_edge(rec)):
+        return "energy window states no call-count precision (energy.precision_parts.edges)"
+    return None
+
+
 def energy_noise(rec: dict[str, Any]) -> float:
-    """Time jitter (energy = power x time), the window's call-count resolution, and drift.
+    """Time jitter (energy = power x time), the window's call-count error, and drift.
 
     Drift: how far the sustained time per call inside the energy window strays from the
     burst-timed median. On the H200 that gap reached 5-15 % for points that ran into the power
@@ -215,9 +227,23 @@ def energy_noise(rec: dict[str, Any]) -> float:
 
 
 def window_edge(rec: dict[str, Any]) -> float:
-    """The energy window's call-count resolution: about one chunk at each end."""
-    window = dig(rec, "energy", "window_s")
-    return 2 * ENERGY_EDGE_S / window if _positive(window) else 0.0
+    """The energy window's relative call-count error at its two ends (inf: not stated).
+
+    Records without ``energy.feed`` (the chunked feeder): about one 5 ms chunk at each end. The
+    batch-sync feeder states it: ``precision_parts.edges`` (tick-to-host jitter and the
+    interpolation inside the two edge batches). Only that part of the record's ``precision``:
+    its ``spread`` is the scatter of J/call from one counter interval to the next, the
+    within-run image of what time jitter and drift stand for here (and it grows with the host
+    times of the interior ticks, which the window's total does not depend on); its ``counter``
+    (1 mJ at each end) is below 1e-4 of any window's energy.
+    """
+    energy = rec.get("energy") or {}
+    if not energy.get("feed"):
+        window = energy.get("window_s")
+        return 2 * ENERGY_EDGE_S / window if _positive(window) else 0.0
+    edges = dig(energy, "precision_parts", "edges")
+    ok = isinstance(edges, int | float) and math.isfinite(edges) and edges >= 0
+    return float(edges) if ok else math.inf
 
 
 def power_capped(rec: dict[str, Any]) -> bool:
@@ -227,7 +253,7 @@ def power_capped(rec: dict[str, Any]) -> bool:
 def sustained_time(rec: dict[str, Any]) -> float | None:
     """Time per call over the energy window, where the window is trustworthy."""
     s = dig(rec, "energy", "s_per_call_in_window")
-    return s if _positive(s) and not dig(rec, "energy", "flag") else None
+    return s if _positive(s) and not energy_doubt(rec) else None
 
 
 def sustained_noise(rec: dict[str, Any]) -> float:
@@ -266,7 +292,8 @@ def compare_point(key: str, base: dict[str, Any], cur: dict[str, Any], gate: Gat
     changes = [time]
     notes = [how] if how else []
     eb, ec = dig(base, "energy", "j_per_call"), dig(cur, "energy", "j_per_call")
-    flags = [f for f in (dig(base, "energy", "flag"), dig(cur, "energy", "flag")) if f]
+    flags = [f"{side}: {d}" for side, rec in (("baseline", base), ("current", cur))
+             if (d := energy_doubt(rec))]
     if _positive(eb) and _positive(ec) and not flags:
         absolute = Change("energy", eb, ec, k * math.hypot(energy_noise(base), energy_noise(cur)),
                           gate.max_energy_increase, gates=across is None)
