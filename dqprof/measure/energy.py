@@ -58,8 +58,8 @@ GUARD_S = 0.02
 NO_TICK_S = 2.0  # no counter update for this long: the counter has stopped
 MAX_IDLE_FRAC = 0.02  # a window whose GPU idled longer than this is flagged
 # The chunked feeder's call-count resolution (records without ``feed``: calls counted to about
-# one 5 ms chunk at each end). gate/compare.py's ENERGY_EDGE_S mirrors it for every record; records
-# of this feeder carry their own edge term (precision_parts.edges)
+# one 5 ms chunk at each end). gate/compare.py's ENERGY_EDGE_S mirrors it for those records;
+# for this feeder's records the gate takes their own edge term (precision_parts.edges)
 CHUNK_S = 5e-3
 
 
