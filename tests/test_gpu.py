@@ -56,19 +56,25 @@ def test_wrong_backend_is_caught() -> None:
     assert not rel_error(wrong, b.expected(state, x)) <= REL_TOL
 
 
-def test_energy_counter_ticks() -> None:
-    from dqprof.measure.energy import measure_energy
+def _copy_replay():
+    """(NVML, a replay of a copy far past L2, its timing): a copy stays under the power cap,
+    so sustained and burst speed agree."""
     from dqprof.measure.nvml import open_nvml
     from dqprof.measure.timing import Replay, time_replay
 
     nvml, why = open_nvml(0)
     if nvml is None or not nvml.energy_supported:
         pytest.skip(why or "no energy counter")
-    # a copy far past L2 stays under the power cap, so sustained and burst speed agree
     src = torch.randn(64 << 20, device="cuda")
     dst = torch.empty_like(src)
     replay = Replay([lambda: dst.copy_(src)], "cuda")
-    t = time_replay(replay, 5)
+    return nvml, replay, time_replay(replay, 5)
+
+
+def test_energy_counter_ticks() -> None:
+    from dqprof.measure.energy import measure_energy
+
+    nvml, replay, t = _copy_replay()
     e = measure_energy(replay, nvml, t.median_s, 0.5, None, None)
     assert e.flag is None, e
     assert e.ticks >= 3 and e.calls > 0 and e.j_per_call > 0
@@ -83,16 +89,8 @@ def test_energy_window_on_the_counters_period() -> None:
     import time
 
     from dqprof.measure.energy import TickReader, measure_energy
-    from dqprof.measure.nvml import open_nvml
-    from dqprof.measure.timing import Replay, time_replay
 
-    nvml, why = open_nvml(0)
-    if nvml is None or not nvml.energy_supported:
-        pytest.skip(why or "no energy counter")
-    src = torch.randn(64 << 20, device="cuda")
-    dst = torch.empty_like(src)
-    replay = Replay([lambda: dst.copy_(src)], "cuda")
-    t = time_replay(replay, 5)
+    nvml, replay, t = _copy_replay()
     reader = TickReader(nvml.energy_mj).start()
     try:
         time.sleep(3.0)
