@@ -17,10 +17,11 @@ it either held back the sync (the GPU idled a median 5 % when reads ran to 95 % 
 or, stopped three of the slowest reads before the batch end, left the updates that fell after
 that seen only across the gap (edges and spread of 1-5 % in a 1 s window). Under the GIL the
 reader only runs while the feeder waits in a sync, or between its launches; a tick's bounds
-are taken around the read itself, so a late thread only widens them. This replaced a feeder that kept eight ~5 ms
-chunks queued and polled an event after each: with vLLM's Machete kernel the GPU stopped
-taking work inside it 7 times of 7 (profiles/h200/machete/), while an independent harness that
-queued ~50 ms of replays and synchronized before queuing more finished 12 windows of 12.
+are taken around the read itself, so a late thread only widens them. This replaced a feeder
+that kept eight ~5 ms chunks queued and polled an event after each: with vLLM's Machete kernel
+the GPU stopped taking work inside it 7 times of 7 (profiles/h200/machete/), while an
+independent harness that queued ~50 ms of replays and synchronized before queuing more
+finished 12 windows of 12.
 
 The loop takes its device, counter reader and clock as arguments, so it runs on fakes in tests
 (tests/energy_fakes.py: a simulated GPU, counter, clock and reader thread).
