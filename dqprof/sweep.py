@@ -289,6 +289,7 @@ class Sweep:
             self.warnings.append(f"energy not measured: {why}; records are time-only")
         self.nvml = nvml
         if self.cfg.energy and nvml is not None and nvml.energy_supported:
+            self._energy_reader()  # reading from now on: the first window finds a history
             self.idle_power_w = measure_idle(nvml)
             session["idle_power_w"] = self.idle_power_w
         session["ceilings"] = measure_ceilings()
