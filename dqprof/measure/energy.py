@@ -93,7 +93,7 @@ class EnergyStats:
     tick_fit: bool | None = None  # the window was placed on the counter's period (window.py)
     period_s: list[float] | None = None  # bounds on that period from the reader's history
     # every update the reader saw: [lo, hi] host seconds from the first batch's start, and mJ
-    # from the first update's value, so a later analysis can refit (window.fit_ticks)
+    # from the first update's value, so a later analysis can refit (window.estimate)
     tick_log: list[list[float]] = field(default_factory=list)
 
     def as_dict(self) -> dict:
