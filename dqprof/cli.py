@@ -258,6 +258,9 @@ def tune(
                  "1,2,4,...,4096); each bucket's config serves M up to it.")] = None,
     stats: Annotated[str, typer.Option(help="NF4 statistics: nested (bitsandbytes' default), "
                      "fp16 or fp32.")] = "nested",
+    decodes: Annotated[str, typer.Option(help="GEMV decodes to search at M <= 4 (comma "
+                       "separated): table (GEMV v3), table4 and shfl (GEMV v4).")]
+    = "table,table4,shfl",
 ) -> None:
     """Time triton-nf4's tile candidates on this GPU and write the tuned table it reads.
 
@@ -265,7 +268,7 @@ def tune(
     point (CUDA graph, weights rotated past L2). Every timing goes to <output>.log.jsonl.
     """
     from dqprof import tune as tuning
-    from dqprof.kernels.triton_nf4 import STATS
+    from dqprof.kernels.triton_nf4 import DECODES, STATS
     from dqprof.kernels.tuned import CONFIG_DIR
 
     if backend != "triton-nf4":
@@ -273,6 +276,9 @@ def tune(
                           "tiles to choose")
     if stats not in STATS:
         raise DqprofError(f"--stats takes one of {', '.join(STATS)} (got '{stats}')")
+    searched = tuple(d.strip() for d in decodes.split(",") if d.strip())
+    if not searched or set(searched) - set(DECODES):
+        raise DqprofError(f"--decodes takes some of {', '.join(DECODES)} (got '{decodes}')")
     buckets = _ints(m) if m else tuning.BUCKETS
     if output is None:
         import torch
@@ -288,9 +294,13 @@ def tune(
         eta = (time.perf_counter() - t0) / done * (total - done)
         err_console.print(f"[{done}/{total}] {label}  (eta {eta:.0f} s)", highlight=False)
 
-    table = tuning.tune(model, shapes, buckets, stats, log_path, progress)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(table, indent=1) + "\n")
+
+    def write(table: dict) -> None:  # after every shape: an interrupted tune keeps its shapes
+        output.write_text(json.dumps(table, indent=1) + "\n")
+
+    table = tuning.tune(model, shapes, buckets, stats, log_path, progress, searched, write)
+    write(table)
     us = lambda v: "failed" if v is None else f"{v * 1e6:.2f}"  # noqa: E731
     cols = [col("layer"), col("m", "M", num=True),
             col("heuristic_s", "heuristic us", fmt=us, num=True, short="heur. us"),

@@ -487,6 +487,7 @@ class Sweep:
                        "window_min_s": self.cfg.window_min_s if energy else None,
                        "energy_precision": self.cfg.energy_precision if energy else None},
             "time": t.as_dict(), "energy": energy, "kernels": kernels,
+            "config": backend.launch_config(states[0], rows),
             "traffic": traffic.as_dict(), "flops": flops,
             "intensity": flops / traffic.total if traffic.total else None,
             "achieved": {"bytes_per_s": bw, "flop_per_s": fl,

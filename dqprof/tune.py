@@ -20,17 +20,20 @@ from pathlib import Path
 from typing import Any
 
 from dqprof.errors import DqprofError
+from dqprof.kernels.triton_nf4 import DECODES
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 L2_FACTOR = 3.0  # rotated copies hold this many times the L2 size (the sweep's rule)
 REPEATS = 9
 
 
-def candidates(m: int, n: int, k: int, sms: int) -> list[Any]:
+def candidates(m: int, n: int, k: int, sms: int,
+               decodes: tuple[str, ...] = DECODES) -> list[Any]:
     """The heuristic's config first, then the alternatives worth timing at this M: tile width
     and depth around the heuristic's, split-K halved and doubled, and at M <= 4 both kernels
-    (the GEMV beyond M = 4 compiled to more instructions per weight than the MMA needs)."""
-    from dqprof.kernels.triton_nf4 import TileConfig, heuristic_config
+    (the GEMV beyond M = 4 compiled to more instructions per weight than the MMA needs) and
+    each GEMV decode in ``decodes`` (v4's take BLOCK_M <= 4)."""
+    from dqprof.kernels.triton_nf4 import GEMV4_MAX_M, TileConfig, heuristic_config
 
     base = heuristic_config(m, n, k, sms)
     out = [base]
@@ -50,7 +53,11 @@ def candidates(m: int, n: int, k: int, sms: int) -> list[Any]:
             out.extend(replace(c, split_k=s) for s in splits(c))
 
     if m <= 4:
-        variants(base, (16, 32, 64), (256, 512))
+        if "table" in decodes:
+            variants(base, (16, 32, 64), (256, 512))
+        for d in decodes:
+            if d != "table" and m <= GEMV4_MAX_M:
+                variants(heuristic_config(m, n, k, sms, "gemv", d), (16, 32, 64), (512,))
         variants(heuristic_config(m, n, k, sms, "mma"), (64, 128), (128, 256))
     elif m <= 64:
         variants(base, (64, 128), (128, 256))
@@ -68,8 +75,12 @@ def candidates(m: int, n: int, k: int, sms: int) -> list[Any]:
 
 
 def tune(model: str, shapes_filter: str | None, buckets: tuple[int, ...], stats: str,
-         log_path: Path, progress: Callable[[int, int, str], None]) -> dict[str, Any]:
-    """Time every candidate; return the table (also appending every timing to ``log_path``)."""
+         log_path: Path, progress: Callable[[int, int, str], None],
+         decodes: tuple[str, ...] = DECODES,
+         checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Time every candidate; return the table (also appending every timing to ``log_path``).
+    Largest weights first; ``checkpoint`` gets the table so far after each shape, so an
+    interrupted tune still leaves its finished shapes (the rest fall back to the heuristic)."""
     import torch
 
     from dqprof.kernels.triton_nf4 import TritonNf4, _sm_count, nf4_matmul, quantize_state
@@ -83,10 +94,10 @@ def tune(model: str, shapes_filter: str | None, buckets: tuple[int, ...], stats:
     dev = torch.device("cuda")
     sms = _sm_count(dev)
     l2 = torch.cuda.get_device_properties(dev).L2_cache_size or 50 << 20
-    shapes = [s for s in select_shapes(linear_shapes(load_config(model)), shapes_filter)
-              if s.quantized and s.k % 64 == 0]
+    shapes = sorted((s for s in select_shapes(linear_shapes(load_config(model)), shapes_filter)
+                     if s.quantized and s.k % 64 == 0), key=lambda s: -s.n * s.k)
     backend = TritonNf4(stats=stats, tuned=False)
-    plan = [(s, m, candidates(m, s.n, s.k, sms)) for s in shapes for m in buckets]
+    plan = [(s, m, candidates(m, s.n, s.k, sms, decodes)) for s in shapes for m in buckets]
     total, done = sum(len(c) for *_, c in plan), 0
     entries = []
     with open(log_path, "a") as log:
@@ -132,12 +143,21 @@ def tune(model: str, shapes_filter: str | None, buckets: tuple[int, ...], stats:
                 torch.cuda.synchronize()
             del states, first, ref
             torch.cuda.empty_cache()
-    # the config timed at a bucket's M serves every M above the previous bucket up to it; M
-    # past the last bucket falls back to the heuristic
+            if checkpoint is not None:
+                checkpoint(_table(entries, dev, sms, stats, buckets, decodes))
+    return _table(entries, dev, sms, stats, buckets, decodes)
+
+
+def _table(entries: list[dict[str, Any]], dev: Any, sms: int, stats: str,
+           buckets: tuple[int, ...], decodes: tuple[str, ...]) -> dict[str, Any]:
+    """The table file's content. The config timed at a bucket's M serves every M above the
+    previous bucket up to it; M past the last bucket falls back to the heuristic."""
+    import torch
+
     return {"schema": 1, "gpu": torch.cuda.get_device_name(dev), "sms": sms,
             "stats": stats, "triton": _triton_version(), "torch": torch.__version__,
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "buckets": list(buckets),
+            "buckets": list(buckets), "decodes": list(decodes),
             "entries": sorted(entries, key=lambda e: (e["n"], e["k"], e["m_max"]))}
 
 

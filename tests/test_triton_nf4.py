@@ -428,6 +428,14 @@ def test_forced_options_win() -> None:
         tile_config(8, 2560, 10240, sms, {**auto, "kernel": "gemv", "decode": "shfl"})
 
 
+def test_launch_config_says_where_the_tiles_came_from() -> None:
+    st = quantize_state(torch.randn(64, 128, dtype=torch.bfloat16), "fp32")
+    auto = create("triton-nf4").launch_config(st, 1)
+    assert auto["kernel"] == "gemv" and auto["source"] == "heuristic" and auto["table"] is None
+    forced = create("triton-nf4[decode=shfl]").launch_config(st, 2)
+    assert (forced["decode"], forced["source"]) == ("shfl", "options")
+    assert create("bf16").launch_config(None, 1) is None  # paths without tiles record none
+
 
 def _table_data(gpu: str = "NVIDIA H200") -> dict[str, Any]:
     gemv = {"kernel": "gemv", "block_m": 1, "block_n": 16, "block_k": 256, "split_k": 4,

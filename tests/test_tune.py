@@ -45,3 +45,21 @@ def test_tune_without_a_gpu_says_so() -> None:
         pytest.skip("a GPU is here")
     proc = _tune("triton-nf4", "-o", "/tmp/x.json", "--m", "1")
     assert proc.returncode == 3 and "needs a CUDA GPU" in proc.stderr
+
+
+@pytest.mark.parametrize("m", (1, 2, 4, 8))
+def test_candidates_search_the_decodes_asked_for(m: int) -> None:
+    n, k = 20480, 2560
+    decodes = {c.decode for c in candidates(m, n, k, 132) if c.kernel == "gemv"}
+    assert decodes == ({"table", "table4", "shfl"} if m <= 4 else set())
+    only_v3 = {c.decode for c in candidates(m, n, k, 132, ("table",)) if c.kernel == "gemv"}
+    assert only_v3 == ({"table"} if m <= 4 else set())
+    shfl = [c for c in candidates(m, n, k, 132, ("table", "shfl")) if c.decode == "shfl"]
+    assert (len(shfl) > 0) == (m <= 4)
+    assert all(c.block_m <= 4 and k % c.block_k == 0 for c in shfl)
+
+
+def test_tune_rejects_unknown_decodes() -> None:
+    proc = _tune("triton-nf4", "-o", "/tmp/x.json", "--decodes", "table,lut")
+    assert proc.returncode == 2 and "--decodes takes some of" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -86,3 +86,8 @@ class Backend(ABC):
         """A copy at new addresses (for rotating weights past L2)."""
         return copy.deepcopy(state)
 
+    def launch_config(self, state: Any, m: int) -> dict[str, Any] | None:
+        """The tiles this path picked for a call of M rows, where it picks them (recorded with
+        the point, so a profile says which config each time belongs to); None elsewhere."""
+        return None
+

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -846,6 +846,15 @@ class TritonNf4(Backend):
 
     def __call__(self, st: Nf4State, x: torch.Tensor) -> torch.Tensor:
         return nf4_matmul(st, x, self.config(x.shape[0], st.n, st.k, x.device))
+
+    def launch_config(self, st: Nf4State, m: int) -> dict[str, Any]:
+        cfg = self.config(m, st.n, st.k, st.packed.device)
+        table = self.table(st.packed.device)
+        forced = any(self.opts[key] for key in ("kernel", "block_m", "block_n", "block_k",
+                                                 "split_k", "num_warps", "num_stages", "decode"))
+        source = ("options" if forced else "tuned" if table is not None
+                  and table.lookup(m, st.n, st.k) == cfg else "heuristic")
+        return {**asdict(cfg), "source": source, "table": table.path if table else None}
 
     def reference(self, st: Nf4State) -> torch.Tensor:
         # our torch decoder, from the stored statistics the kernels decode
