@@ -30,18 +30,26 @@ REPEATS = 9
 def candidates(m: int, n: int, k: int, sms: int,
                decodes: tuple[str, ...] = DECODES) -> list[Any]:
     """The heuristic's config first, then the alternatives worth timing at this M: tile width
-    and depth around the heuristic's, split-K halved and doubled, and at M <= 4 both kernels
-    (the GEMV beyond M = 4 compiled to more instructions per weight than the MMA needs) and
-    each GEMV decode in ``decodes`` (v4's take BLOCK_M <= 4)."""
-    from dqprof.kernels.triton_nf4 import GEMV4_MAX_M, TileConfig, heuristic_config
+    and depth around the heuristic's, split-K halved and doubled, and at M <= 16 both kernels:
+    each GEMV decode in ``decodes`` (v3's at M <= 4 only: beyond, it compiled to more
+    instructions per weight than the MMA needs; v4's in row groups of up to 4 rows)."""
+    from dqprof.kernels.triton_nf4 import (
+        GEMV_MAX_M,
+        TileConfig,
+        _divisor_block_k,
+        auto_decode,
+        heuristic_config,
+    )
 
-    base = heuristic_config(m, n, k, sms)
+    # the heuristic first: what an untuned call runs (its decode, where it is searched)
+    base = heuristic_config(m, n, k, sms, decode=auto_decode(m) if auto_decode(m) in decodes
+                            else decodes[0])
     out = [base]
 
     def splits(cfg: TileConfig) -> list[int]:
         k_tiles = k // cfg.block_k
         return sorted({s for s in (max(1, cfg.split_k // 2), cfg.split_k, cfg.split_k * 2, 1)
-                       if k_tiles % s == 0 and k_tiles // s >= 2})
+                       if k_tiles % s == 0 and (s == 1 or k_tiles // s >= 2)})
 
     def variants(cfg: TileConfig, widths: tuple[int, ...], depths: tuple[int, ...]) -> None:
         for bn, bk in itertools.product(widths, depths):
@@ -52,12 +60,13 @@ def candidates(m: int, n: int, k: int, sms: int,
                         (4 if bn == 64 else 8))
             out.extend(replace(c, split_k=s) for s in splits(c))
 
-    if m <= 4:
-        if "table" in decodes:
-            variants(base, (16, 32, 64), (256, 512))
-        for d in decodes:
-            if d != "table" and m <= GEMV4_MAX_M:
-                variants(heuristic_config(m, n, k, sms, "gemv", d), (16, 32, 64), (512,))
+    if m <= GEMV_MAX_M:
+        for d in decodes:  # v3 at two depths; v4 (4x fewer accumulators) at its deepest
+            if d == "table" and m <= 4:
+                variants(heuristic_config(m, n, k, sms, "gemv", d), (16, 32, 64), (256, 512))
+            elif d != "table":  # v4 beyond 4 rows: row groups of 4 (the weight re-read from L2)
+                variants(heuristic_config(m, n, k, sms, "gemv", d), (16, 32, 64),
+                         (_divisor_block_k(k, 512),))
         variants(heuristic_config(m, n, k, sms, "mma"), (64, 128), (128, 256))
     elif m <= 64:
         variants(base, (64, 128), (128, 256))
@@ -162,7 +171,8 @@ def _table(entries: list[dict[str, Any]], dev: Any, sms: int, stats: str,
 
 
 def _label(cfg: Any) -> str:
-    return (f"{cfg.kernel} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} s{cfg.split_k} "
+    decode = f" {cfg.decode}" if cfg.kernel == "gemv" else ""  # the MMA has one decode
+    return (f"{cfg.kernel}{decode} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} s{cfg.split_k} "
             f"w{cfg.num_warps} st{cfg.num_stages}")
 
 

@@ -69,3 +69,20 @@ def test_totals_add_up():
     t = totals(rows)
     for s in t.index:
         assert t.loc[s, "total"] == pytest.approx(rows[rows["series"] == s]["per_token"].sum())
+
+
+def test_a_cut_run_leaves_out_the_paths_it_did_not_reach():
+    """A resumed sweep cut before marlin-gptq's last layer: no bf16 stand-in for that layer
+    (it would make the path look cheaper), and no neighbouring M inside the layer's range."""
+    recs = fx.records(fx.TINY)
+    cut = [r for r in recs if not (r["backend"] == "marlin-gptq" and r["layer"] == "attn.o_proj")]
+    rows, left = per_token(points_frame(cut), DECODE[0])
+    assert rows[rows["series"] == "marlin-gptq"].empty
+    assert any("marlin-gptq left out" in x and "attn.o_proj (not in the run)" in x for x in left)
+    assert not rows[rows["series"] == "bnb-nf4"].empty  # the paths it reached keep their totals
+    # bnb-nf4 reached M = 16 but not M = 256 on one layer: decode batch 64 is not filled in
+    short = [r for r in recs if not (r["backend"] == "bnb-nf4" and r["layer"] == "attn.o_proj"
+                                     and r["m"] > 16)]
+    rows, left = per_token(points_frame(short), Scenario("decode", 64))
+    assert rows[rows["series"] == "bnb-nf4"].empty
+    assert any("bnb-nf4 left out" in x for x in left)

@@ -254,3 +254,32 @@ def test_update_baseline_per_board_from_the_cli(tmp_path, board_b):
     result = runner.invoke(app, ["regress", "--baseline", str(folder), "--current",
                                  str(board_b)])
     assert result.exit_code == 0, result.output
+
+
+def test_baseline_against_the_session7_board_flags_only_changed_code() -> None:
+    """Recorded data from two boards: the committed baseline (its board unknown) against the
+    2026-12-02 sweep on board GPU-85e81234 (profiles/h200/session7). Between the two, only
+    triton-nf4 (new GEMV, tuned table) and bnb-nf4/bnb-dequant (plain statistics at prepare)
+    changed; the paths whose code did not change get no verdict, time or energy."""
+    report = run_regress(BASELINE, ROOT / "profiles" / "h200" / "session7")
+    verdicts = {p.key.split("|")[3] for p in report.points
+                if p.status in (REGRESSION, IMPROVEMENT)}
+    assert verdicts <= {"triton-nf4", "bnb-nf4", "bnb-dequant"}
+    unchanged = [p for p in report.points if p.key.split("|")[3] in (
+        "bf16", "tinygemm-int4", "marlin-gptq", "marlin-awq") and p.change("energy")]
+    assert len(unchanged) >= 30
+    gate_up_m1 = next(p for p in report.points
+                      if p.key == "gemma-4-e4b|mlp.gate_up_proj|m=1|triton-nf4|")
+    assert gate_up_m1.status == IMPROVEMENT  # 46.9 -> 16.1 µs: the change is seen across boards
+
+
+def test_a_resumed_runs_sessions_fill_each_others_environment() -> None:
+    from dqprof.gate.compare import run_value
+
+    keys = ("environment", "versions", "vllm")
+    first = {"environment": {"versions": {"vllm": None}}}
+    run = {**first, "sessions": [first, {"environment": {"versions": {"vllm": "0.20.2"}}}]}
+    assert run_value(run, keys) == "0.20.2"  # vLLM staged for the second session only
+    run["sessions"].append({"environment": {"versions": {"vllm": "0.21.0"}}})
+    assert run_value(run, keys) == ["0.20.2", "0.21.0"]
+    assert run_value(first, keys) is None

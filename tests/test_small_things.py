@@ -69,3 +69,16 @@ def test_bench_weights_skipped_points_zero(tmp_path: Path) -> None:
                       shapes="down_proj", m=(1, 8), backends="bf16,marlin-gptq", device="cpu")
     sweep = Sweep(cfg, tmp_path / "run")
     assert _point_weights(sweep, None, False) == [1.0, 1.0, 0.0, 0.0]  # marlin: cuda only
+
+
+def test_source_digest_names_the_code_not_the_checkout(tmp_path) -> None:
+    import shutil
+
+    from dqprof.measure.environment import source_digest
+
+    pkg = Path(__file__).resolve().parents[1] / "dqprof"
+    copy = tmp_path / "dqprof"
+    shutil.copytree(pkg, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert source_digest(copy) == source_digest(pkg) == source_digest()  # where it sits: no
+    (copy / "sweep.py").write_text((copy / "sweep.py").read_text() + "\n# one more line\n")
+    assert source_digest(copy) != source_digest(pkg)

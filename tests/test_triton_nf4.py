@@ -55,27 +55,30 @@ BF16_TOL = 5e-3  # a bf16 output of fp32 sums: ~4e-3 at worst against the fp32 p
 # (spec, n, k, m): what each case exercises is noted on the right; every case runs with both
 # statistics forms (nested, the default, and plain fp16).
 CASES: list[tuple[str, int, int, int]] = [
-    ("triton-nf4", 128, 512, 1),  # gemv, BLOCK_M 1 (one reduction after the loop)
-    ("triton-nf4", 128, 512, 3),  # gemv, BLOCK_M 4: masked M rows
+    # GEMV v3 (decode=table; the default decode at M <= 4 is v4's shfl, below)
+    ("triton-nf4[decode=table]", 128, 512, 1),  # gemv, BLOCK_M 1 (one reduction after the loop)
+    ("triton-nf4[decode=table]", 128, 512, 3),  # gemv, BLOCK_M 4: masked M rows
     ("triton-nf4[kernel=gemv]", 64, 512, 8),  # gemv, BLOCK_M 8, BLOCK_N 16
     ("triton-nf4[kernel=mma]", 128, 256, 5),  # mma at decode M: BLOCK_M 16
     ("triton-nf4", 128, 256, 33),  # mma, BLOCK_M 64, masked M tail
     ("triton-nf4", 64, 256, 80),  # the prefill tile (BLOCK_N 128, 8 warps), masked N
     ("triton-nf4[block_m=128]", 64, 256, 80),  # the 128 x 128 prefill tile, masked M and N
-    ("triton-nf4[split_k=2]", 64, 1024, 1),  # gemv split-K (2 k-tiles of 512) + reduction
+    ("triton-nf4[decode=table,split_k=2]", 64, 1024, 1),  # gemv split-K (2 k-tiles) + reduction
     ("triton-nf4[kernel=mma,split_k=2]", 64, 512, 5),  # mma split-K + reduction
     ("triton-nf4[kernel=mma]", 96, 256, 5),  # N tail: BLOCK_N 64 over N 96
-    ("triton-nf4[block_n=64]", 96, 256, 2),  # gemv N tail
-    ("triton-nf4", 64, 192, 1),  # K 192: gemv BLOCK_K falls back to 64
+    ("triton-nf4[decode=table,block_n=64]", 96, 256, 2),  # gemv N tail
+    ("triton-nf4[decode=table]", 64, 192, 1),  # K 192: gemv BLOCK_K falls back to 64
     ("triton-nf4[kernel=mma]", 64, 192, 5),  # K 192: mma BLOCK_K falls back to 64
-    ("triton-nf4[block_n=16]", 64, 256, 3),  # gemv, forced BLOCK_N 16
+    ("triton-nf4[decode=table,block_n=16]", 64, 256, 3),  # gemv, forced BLOCK_N 16
     ("triton-nf4[kernel=mma,block_n=16]", 64, 256, 5),  # mma, forced BLOCK_N 16
     # GEMV v4 (the interpreter runs the shuffle decode's arithmetic with table loads)
-    ("triton-nf4[decode=shfl]", 128, 512, 1),  # BLOCK_M 1, BLOCK_N 32
+    ("triton-nf4", 128, 512, 1),  # the default at M = 1: shfl, BLOCK_M 1, BLOCK_N 32
     ("triton-nf4[decode=shfl]", 72, 512, 2),  # BLOCK_M 2, BLOCK_N 32 over N 72: clamped rows
     ("triton-nf4[decode=shfl]", 64, 512, 3),  # BLOCK_M 4: masked M rows
     ("triton-nf4[decode=shfl,split_k=2]", 64, 1024, 1),  # split-K + reduction
     ("triton-nf4[decode=table4]", 64, 192, 2),  # K 192: BLOCK_K 64, two groups a row
+    ("triton-nf4[kernel=gemv,decode=shfl]", 64, 512, 8),  # 2 row groups of BLOCK_M 4
+    ("triton-nf4[kernel=gemv,decode=table4]", 72, 256, 6),  # 2 groups, the second masked
 ]
 STATS_FORMS = ("nested", "fp16")
 # x = identity: each output is one dequantized weight, bf16(w) exactly through either kernel
@@ -212,6 +215,9 @@ def test_cases_cover_the_paths(interpreted: dict[str, Any]) -> None:
     v4 = [(m, c) for m, c in configs if c["decode"] != "table"]
     assert {c["block_m"] for _, c in v4} == {1, 2, 4} and {c["decode"] for _, c in v4} == {
         "shfl", "table4"}
+    assert {m for m, c in v4 if m > c["block_m"]} == {6, 8}  # row groups
+    assert any(c["kernel"] == "gemv" and c["decode"] == "table" and c["block_m"] == 4
+               for m, c in configs if m == 3)  # v3 at M <= 4 when asked for
     assert any(c["split_k"] == 2 for _, c in v4) and any(c["block_k"] == 64 for _, c in v4)
     assert any(c["block_n"] == 16 for _, c in v4) and any(c["block_n"] == 32 for _, c in v4)
 
@@ -406,7 +412,13 @@ def test_tile_heuristic() -> None:
         assert tile_config(2, 20480, 2560, sms, opts).block_n == 32
         assert tile_config(4, 20480, 2560, sms, opts).decode == decode
         assert tile_config(16, 20480, 2560, sms, opts).decode == "table"  # the MMA
-    assert tile_config(2, 20480, 2560, sms, auto).block_n == 16
+    # no decode asked for: v4's shuffle where it holds the rows, v3 where a forced GEMV runs more
+    assert tile_config(2, 20480, 2560, sms, auto).decode == "shfl"
+    assert tile_config(2, 20480, 2560, sms, {**auto, "decode": "table"}).block_n == 16
+    gemv8 = tile_config(8, 20480, 2560, sms, {**auto, "kernel": "gemv"})
+    assert (gemv8.decode, gemv8.block_m) == ("table", 8)
+    forced_rows = tile_config(1, 20480, 2560, sms, {**auto, "block_m": 8})
+    assert (forced_rows.decode, forced_rows.block_m) == ("table", 8)
 
 
 def test_forced_options_win() -> None:
@@ -424,8 +436,12 @@ def test_forced_options_win() -> None:
         tile_config(17, 2560, 10240, sms, {**auto, "kernel": "gemv"})
     with pytest.raises(ValueError, match="M <= 16"):
         create("triton-nf4[kernel=gemv]").config(32, 2560, 10240, torch.device("cpu"))
-    with pytest.raises(ValueError, match="BLOCK_M <= 4"):  # v4 holds 4 rows' accumulators
-        tile_config(8, 2560, 10240, sms, {**auto, "kernel": "gemv", "decode": "shfl"})
+    # v4 holds 4 rows' accumulators: more rows run in row groups, a forced wider BLOCK_M fails
+    grouped = tile_config(8, 2560, 10240, sms, {**auto, "kernel": "gemv", "decode": "shfl"})
+    assert (grouped.kernel, grouped.decode, grouped.block_m) == ("gemv", "shfl", 4)
+    with pytest.raises(ValueError, match="BLOCK_M <= 4"):
+        tile_config(8, 2560, 10240, sms, {**auto, "kernel": "gemv", "decode": "shfl",
+                                          "block_m": 8})
 
 
 def test_launch_config_says_where_the_tiles_came_from() -> None:
@@ -583,9 +599,26 @@ def test_gpu_gemma_shapes(gemma_states: Callable[[str, str], Nf4State], spec: st
     assert y.shape == (m, state.n) and y.dtype == torch.bfloat16
     cfg = b.config(m, state.n, state.k, x.device)
     assert cfg.kernel == ("mma" if "kernel=mma" in spec or m > 8 else "gemv")
-    if cfg.kernel == "gemv":
-        assert cfg.decode == (b.opts["decode"] or "table")
+    if cfg.kernel == "gemv" and b.opts["decode"]:  # else the tuned table's or auto_decode's
+        assert cfg.decode == b.opts["decode"]
     assert rel_error(y, b.expected(state, x)) < REL_TOL
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("m", (5, 8, 16))
+@pytest.mark.parametrize("layer", tuple(GEMMA))
+@pytest.mark.parametrize("decode", ("table4", "shfl"))
+def test_gpu_gemv4_row_groups(gemma_states: Callable[[str, str], Nf4State], decode: str,
+                              layer: str, m: int) -> None:
+    """GEMV v4 past 4 rows of x: row groups of 4, the last one masked at M = 5."""
+    pytest.importorskip("triton")
+    b = create(f"triton-nf4[kernel=gemv,decode={decode}]")
+    state = gemma_states(layer, "nested")
+    x = torch.randn(m, state.k, device="cuda", dtype=torch.bfloat16)
+    cfg = b.config(m, state.n, state.k, x.device)
+    assert (cfg.kernel, cfg.decode, cfg.block_m) == ("gemv", decode, 4)
+    assert rel_error(b(state, x), b.expected(state, x)) < REL_TOL
 
 
 @pytest.mark.gpu
@@ -660,3 +693,22 @@ def test_gpu_bitsandbytes_bytes(decode: str, layer: str, m: int) -> None:
 
 if __name__ == "__main__":  # the interpreter worker, run by the ``interpreted`` fixture
     print("RESULT " + json.dumps(_worker()))
+
+
+def test_the_bundled_h200_table_is_found_and_valid() -> None:
+    from dqprof.kernels.tuned import table_for_gpu
+
+    table_for_gpu.cache_clear()
+    try:
+        os.environ.pop("DQPROF_NF4_CONFIG", None)
+        table = table_for_gpu("NVIDIA H200")
+        assert table is not None and table.path.endswith("configs/h200.json")
+        for (n, k), rows in table.entries.items():
+            for m_max, _ in rows:
+                cfg = table.lookup(m_max, n, k)
+                assert k % cfg.block_k == 0 and (cfg.kernel == "mma" or cfg.block_m >= m_max)
+                # what a call at that M runs: the table's entry, through the same validation
+                assert tile_config(m_max, n, k, 132, TritonNf4.options, table) == cfg
+        assert table_for_gpu("NVIDIA L4") is None  # other GPUs: the heuristic
+    finally:
+        table_for_gpu.cache_clear()

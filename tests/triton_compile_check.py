@@ -164,6 +164,8 @@ def jobs(ns: dict[str, Any], shapes=GEMMA4_E4B, ms=SWEEP_M, sms: int = 132,
                 "stride_xm": k, "stride_om": n, "stride_os": m * n}
         if cfg.kernel == "gemv":
             ints.update(lut_lo=LUT_LO, lut_hi=LUT_HI)
+        if kernel == "gemv4":  # row groups of x (1, specialized, at M <= BLOCK_M)
+            ints.update(R=-(-m // cfg.block_m))
         if quick:  # one specialization per tile config: M, N, K plain, strides as usual
             ints.update(M=17, N=17, K=17, stride_os=17)
         a_ptr = STATS_PTR[opts["stats"]]
@@ -317,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="backend options as in a spec, e.g. 'kernel=mma,block_k=64' or '' "
                          f"for the heuristic (repeatable; default: {list(VARIANTS)})")
     ap.add_argument("--asm", action="store_true", help="summarize each compiled kernel")
+    ap.add_argument("--m", default=",".join(map(str, SWEEP_M)),
+                    help="token counts M to pick tiles for (comma separated; default: the "
+                         "sweep's)")
     ap.add_argument("--kernel-file", type=Path, default=KERNEL_FILE,
                     help="another copy of triton_nf4.py, to compare versions")
     ap.add_argument("-j", "--jobs", type=int, default=min(8, os.cpu_count() or 1),
@@ -333,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     global tl
     tl = triton.language
     ns = load(tl, args.kernel_file.resolve())
-    todo = jobs(ns, quick=args.quick,
+    todo = jobs(ns, ms=tuple(int(v) for v in args.m.split(",")), quick=args.quick,
                 variants=VARIANTS if args.variant is None else tuple(args.variant))
     _WORK.update(jobs=list(todo), arch=args.arch, asm=args.asm,
                  probe=triton.jit(_probe_kernel),

@@ -3,11 +3,14 @@
 Decode with batch B runs every layer at M = B once per step of B tokens; prefill of a T-token
 prompt runs every layer at M = T, except per-sequence layers (lm_head: logits of the last
 token only), which run at M = 1 once per prompt. Per token: calls_per_token x figure(M) / tokens.
-A layer a path does not run (lm_head stays bf16 under vLLM's quantizations; a shape the path
-cannot take) uses the bf16 record of that layer, and says so. An M that was not measured is
-interpolated in log-log between measured M, or the nearest measured M is used outside the
-range the path was run at (see interp.py); each row states which. A path that failed at an M
-inside its range has no total for that scenario: it is left out and listed, never filled.
+A layer a path does not run (recorded skipped: lm_head stays bf16 under vLLM's quantizations;
+a shape the path cannot take) uses the bf16 record of that layer, and says so; a layer the path
+has no record of (a cut or partial run) leaves the path out of the scenario. An M that was not
+measured is interpolated in log-log between measured M, or the nearest measured M is used
+outside the
+range the layer was run at (see interp.py); each row states which. A path without a figure at
+an M inside that range (failed there, or not reached) has no total for that scenario: it is
+left out and listed, never filled.
 """
 
 from __future__ import annotations
@@ -60,16 +63,23 @@ def per_token(points: pd.DataFrame, scenario: Scenario, metric: str = "energy_j"
             m = scenario.m_for(lay.per_sequence)
             own = ok[(ok["series"] == s) & (ok["layer"] == lay.layer)]
             used, note = s, ""
-            if own.empty:  # the path does not run this layer: vLLM runs it in bf16
+            if own.empty:
                 recs = points[(points["series"] == s) & (points["layer"] == lay.layer)]
-                why = (recs["reason"].dropna().iloc[0] if recs["reason"].notna().any()
-                       else "not in the run")
+                skipped = recs[recs["status"] == "skipped"]
+                if skipped.empty:  # not measured (a cut or partial run): no stand-in
+                    missing.setdefault(s, []).append(f"{lay.layer} (not in the run)")
+                    continue
+                # the path does not run this layer: vLLM runs it in bf16
+                why = skipped["reason"].dropna().iloc[0] if skipped["reason"].notna().any() \
+                    else "skipped"
                 used, note = refs[s], f"{refs[s]} record used ({why})"
                 own = ok[(ok["series"] == used) & (ok["layer"] == lay.layer)]
             at = value_at(own["m"], own[metric], m)
-            tried = points[(points["series"] == used) & (points["layer"] == lay.layer)]["m"]
+            # the M this layer was run at by any path: a neighbour stands in only outside it
+            # (inside, the path failed there or the run was cut before it)
+            tried = points[points["layer"] == lay.layer]["m"]
+            tried = tried[tried > 0]
             if at is not None and at.method == "nearest" and tried.min() <= m <= tried.max():
-                # the path was run at this M and failed there: a neighbour is no stand-in
                 at = None
             if at is None:
                 missing.setdefault(s, []).append(f"{lay.layer} at M={m}")

@@ -358,6 +358,15 @@ def classify(key: str, base: dict[str, Any] | None, cur: dict[str, Any] | None,
     return None  # skipped or absent on both sides: nothing measured to compare
 
 
+def run_value(run: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    """An environment field of a run: the one value its sessions agree on (a session that
+    lacked it, e.g. a resumed run's first session before vLLM was installed, does not count),
+    a list where they differ, None where none had it."""
+    vals = [dig(run, *keys)] + [dig(s, *keys) for s in run.get("sessions") or ()]
+    seen = list(dict.fromkeys(v for v in vals if v is not None))
+    return seen[0] if len(seen) == 1 else (seen or None)
+
+
 def environment_warnings(base: Side, cur: Side) -> list[str]:
     """Loud notes for anything that makes the two sides' figures hard to compare."""
     out = []
@@ -368,7 +377,11 @@ def environment_warnings(base: Side, cur: Side) -> list[str]:
     if not (base.run and cur.run):
         return out
     for label, keys in ENV_FIELDS:
-        b, c = dig(base.run, *keys), dig(cur.run, *keys)
+        b, c = run_value(base.run, keys), run_value(cur.run, keys)
+        for side, vals in (("baseline", b), ("current", c)):
+            if isinstance(vals, list):
+                out.append(f"the {side} run's sessions ran on different {label}: "
+                           f"{', '.join(map(repr, vals))}")
         if b != c:
             out.append(f"{label} differs: baseline {b!r}, current {c!r} (re-baseline on this "
                        f"runner's GPU and stack if this is intended)")

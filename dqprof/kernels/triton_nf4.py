@@ -27,10 +27,11 @@ Two kernels, picked per call by M (``tile_config``; a tuned table per GPU in
   extracts, 8 table gathers and 8 * M FMAs against x held in registers (16-byte loads of the 8
   matching x values), fp32 accumulation, absmax per block. Bound by issue (int extract +
   gather per weight), not by HBM (see docs/triton-nf4.md for the measured figures). This is
-  GEMV v3 (``decode=table``, the default); ``decode=shfl`` / ``table4`` run GEMV v4
-  (``_nf4_gemv4_kernel``, M <= 4: one absmax per 32 weights, no layout conversion in the
-  loop) with a warp-shuffle level lookup / v3's table gathers. v4 is not timed yet: it stays
-  an option until a GPU run says it is faster (scripts/gpu_nf4_ab.sh).
+  GEMV v3 (``decode=table``); ``decode=shfl`` / ``table4`` run GEMV v4 (``_nf4_gemv4_kernel``,
+  M <= 4: one absmax per 32 weights, no layout conversion in the loop) with a warp-shuffle
+  level lookup / v3's table gathers. The heuristic takes v4's ``shfl`` at M <= 4 (the H200
+  tune, profiles/h200/session7: 1.3-2.2x faster than v3 on the four largest layers) and v3
+  where a forced GEMV runs more rows than v4 holds.
 * ``mma`` (any M): the transposed product ``y.T = W_deq @ x.T`` on tensor cores, so the
   decoded weight tile is the MMA's first operand, which Hopper's wgmma takes from registers
   (as Machete does): the decoded tile never goes back through shared memory; x.T is the
@@ -71,11 +72,12 @@ LUT_BYTES = 16 * 4  # the 16 NF4 levels in fp32: one 64-byte L1 line
 GEMV_MAX_M = 16  # the CUDA-core kernel: M FMAs per weight; tensor cores beyond
 DEFAULT_SMS = 132  # H100/H200 SXM; used where no CUDA device answers (interpreter runs)
 STATS = ("nested", "fp16", "fp32")
-# the GEMV's decode: "table" is GEMV v3 (_nf4_gemv_kernel: L1 table gathers, the default until
-# a GPU run says otherwise); GEMV v4 (_nf4_gemv4_kernel) with L1 table gathers ("table4") or
-# warp shuffles ("shfl"). See docs/triton-nf4.md for their SASS.
+# the GEMV's decode: "table" is GEMV v3 (_nf4_gemv_kernel: L1 table gathers); GEMV v4
+# (_nf4_gemv4_kernel) with L1 table gathers ("table4") or warp shuffles ("shfl"). See
+# docs/triton-nf4.md for their SASS and times.
 DECODES = ("table", "table4", "shfl")
 GEMV4_MAX_M = 4  # v4 holds one accumulator per row of x
+AUTO_DECODE = "shfl"  # the heuristic's decode where v4 takes the rows (M <= GEMV4_MAX_M)
 _PLAIN_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
 # triton.language, bound by _kernels() on first use: no module here imports an optional
@@ -273,12 +275,15 @@ def _nf4_word_rows(w, xk, stride_xm, M, s0, s1, s2, s3, lut_ptr, lut_lo, lut_hi,
 
 def _nf4_gemv4_kernel(
     x_ptr, w_ptr, a_ptr, a2_ptr, code2_ptr, lut_ptr, out_ptr,
-    M, N, K, kw, kb, offset, stride_xm, stride_om, stride_os, lut_lo, lut_hi,
+    M, N, K, kw, kb, offset, stride_xm, stride_om, stride_os, lut_lo, lut_hi, R,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, NESTED: tl.constexpr, SHFL: tl.constexpr, ASM: tl.constexpr,
 ):
-    """GEMV v4 (M <= 4): _nf4_gemv_kernel's product over [BLOCK_N, groups] tensors, a group
-    being 4 consecutive words of a row (32 weights, one 16-byte load, half an NF4 block).
+    """GEMV v4 (BLOCK_M <= 4 rows of x a program): _nf4_gemv_kernel's product over
+    [BLOCK_N, groups] tensors, a group being 4 consecutive words of a row (32 weights, one
+    16-byte load, half an NF4 block). M > BLOCK_M runs R = cdiv(M, BLOCK_M) row groups, the
+    programs of one weight tile adjacent in the grid, so the weight comes from HBM once and
+    from L2 for the other groups (each group decodes it again).
 
     The words' tl.load is the one anchor in the loop: its 16-byte layout puts a row's groups
     across the threads of a warp and several rows in each thread's registers, and splitting
@@ -289,8 +294,12 @@ def _nf4_gemv4_kernel(
     widened once for all the rows a thread holds. Rows past N are clamped to N - 1 (in bounds,
     never stored) instead of masked. No branch in the loop: every lane runs every shuffle."""
     G: tl.constexpr = BLOCK_K // 32
-    pid_n = tl.program_id(0)
+    pid_n = tl.program_id(0) // R
+    pid_r = tl.program_id(0) % R  # this program's rows of x: pid_r * BLOCK_M onwards
     pid_k = tl.program_id(1)
+    x_ptr += pid_r * BLOCK_M * stride_xm
+    out_ptr += (pid_r * BLOCK_M).to(tl.int64) * stride_om
+    M -= pid_r * BLOCK_M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_g = tl.arange(0, G)
     offs_w = tl.arange(0, BLOCK_K // 8)
@@ -578,18 +587,27 @@ def _auto_split(tiles: int, k_tiles: int, target: int, min_iters: int, max_split
     return best
 
 
+def auto_decode(m: int) -> str:
+    """The GEMV decode the heuristic takes for M rows (v4 holds at most GEMV4_MAX_M)."""
+    return AUTO_DECODE if max(m, 1) <= GEMV4_MAX_M else "table"
+
+
 def heuristic_config(m: int, n: int, k: int, sms: int, kernel: str = "",
-                     decode: str = "table") -> TileConfig:
+                     decode: str = "") -> TileConfig:
     """The fallback when no tuned table matches (and the start point of `dqprof tune`);
-    ``kernel`` forces one kernel's tiles at any M it takes, ``decode`` the GEMV's decode."""
+    ``kernel`` forces one kernel's tiles at any M it takes, ``decode`` the GEMV's decode
+    (empty: ``auto_decode``)."""
     m = max(m, 1)
+    decode = decode or auto_decode(m)
     if kernel == "gemv" or (not kernel and m <= 4):  # decode: CUDA cores, one weight pass
         bm = 1 << (m - 1).bit_length()
+        if decode != "table":  # v4: up to 4 rows of x a program, row groups beyond
+            bm = min(bm, GEMV4_MAX_M)
         # v3 holds a [BLOCK_N, words] accumulator per row of x: narrower tiles stay in
         # registers at M > 1; v4's accumulators are 4x smaller, 32 rows fit at M = 2 (72 regs)
         bn = 32 if m == 1 or (m == 2 and decode != "table") else 16
         bk, warps = _divisor_block_k(k, 512), 4
-        tiles = _cdiv(n, bn)
+        tiles = _cdiv(n, bn) * _cdiv(m, bm)
         split = _auto_split(tiles, k // bk, 4 * sms, 2, 16)
         return TileConfig("gemv", bm, bn, bk, split, warps, 1, decode=decode)
     if m <= 64:  # small batches: still bandwidth-bound, the MMA's N is the batch (>= 16)
@@ -613,15 +631,17 @@ def tile_config(m: int, n: int, k: int, sms: int, opts: dict[str, Any],
     other than the table entry's takes that decode's heuristic tiles (as a forced kernel does)."""
     decode = opts.get("decode") or ""
     cfg = (table.lookup(m, n, k) if table is not None else None) or heuristic_config(
-        m, n, k, sms, decode=decode or "table")
+        m, n, k, sms, decode=decode)
     if cfg.kernel == "gemv" and decode and decode != cfg.decode:
         cfg = heuristic_config(m, n, k, sms, decode=decode)
     forced = {key: opts[key] for key in ("kernel", "block_m", "block_n", "block_k", "split_k",
                                          "num_warps", "num_stages") if opts.get(key)}
     if forced:
         if forced.get("kernel", cfg.kernel) != cfg.kernel:  # another kernel: its own defaults
-            cfg = _other_kernel(forced["kernel"], m, n, k, sms, decode or "table")
+            cfg = _other_kernel(forced["kernel"], m, n, k, sms, decode)
         cfg = replace(cfg, **forced)
+        if not decode and cfg.kernel == "gemv" and cfg.block_m > GEMV4_MAX_M:
+            cfg = replace(cfg, decode="table")  # forced rows v4 cannot hold: v3's GEMV
     if cfg.kernel == "gemv" and m > GEMV_MAX_M:
         raise ValueError(f"triton-nf4 kernel=gemv takes M <= {GEMV_MAX_M} (M={m})")
     if cfg.kernel == "gemv" and cfg.decode != "table" and cfg.block_m > GEMV4_MAX_M:
@@ -633,8 +653,8 @@ def tile_config(m: int, n: int, k: int, sms: int, opts: dict[str, Any],
 
 
 def _other_kernel(kernel: str, m: int, n: int, k: int, sms: int, decode: str) -> TileConfig:
-    return heuristic_config(min(m, GEMV_MAX_M) if kernel == "gemv" else m, n, k, sms, kernel,
-                            decode)
+    rows = min(m, GEMV_MAX_M) if kernel == "gemv" else m
+    return heuristic_config(rows, n, k, sms, kernel, decode or auto_decode(rows))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -766,8 +786,9 @@ def nf4_matmul(st: Nf4State, x: torch.Tensor, cfg: TileConfig) -> torch.Tensor:
             raise ValueError(f"triton-nf4 GEMV v4: decode={cfg.decode!r}, BLOCK_M={cfg.block_m}")
         if n * (k // BLOCKSIZE) >= 1 << 31:  # v4 indexes the statistics in int32
             raise ValueError(f"triton-nf4 decode={cfg.decode}: N * K / 64 must be < 2**31")
-        kern.gemv4[(_cdiv(n, cfg.block_n), cfg.split_k)](
-            *args, *_split_address(st.lut), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        groups = _cdiv(m, cfg.block_m)  # row groups of x (one at M <= BLOCK_M)
+        kern.gemv4[(_cdiv(n, cfg.block_n) * groups, cfg.split_k)](
+            *args, *_split_address(st.lut), groups, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, NESTED=st.nested,
             SHFL=cfg.decode == "shfl", ASM=x.is_cuda, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages)
@@ -818,7 +839,8 @@ class TritonNf4(Backend):
             raise ValueError(f"triton-nf4 option stats={o['stats']!r}: one of {', '.join(STATS)}")
         if o["decode"] not in ("", *DECODES):
             raise ValueError(f"triton-nf4 option decode={o['decode']!r}: one of "
-                             f"{', '.join(DECODES)} (empty: {DECODES[0]})")
+                             f"{', '.join(DECODES)} (empty: {AUTO_DECODE} at M <= "
+                             f"{GEMV4_MAX_M}, else table)")
         if o["kernel"] not in ("", "gemv", "mma"):
             raise ValueError(f"triton-nf4 option kernel={o['kernel']!r}: gemv or mma")
         self._table = None

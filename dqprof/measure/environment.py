@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import re
@@ -45,6 +46,19 @@ def git_commit() -> dict[str, Any]:
         return {"commit": None, "dirty": None}
 
 
+def source_digest(root: Path | None = None) -> str:
+    """sha256 over the package's source and bundled tables (paths and bytes, sorted): names
+    the code that ran even where git cannot (a dirty or copied tree); `dqprof` at any commit
+    gives the same digest for the same files."""
+    root = root or Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".json", ".toml")
+                       and "__pycache__" not in p.parts):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0")
+        h.update(path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def gpu_info(device_index: int = 0) -> dict[str, Any]:
     import torch
 
@@ -67,6 +81,7 @@ def environment(device: str) -> dict[str, Any]:
         "platform": platform.platform(),
         "versions": versions(),
         "git": git_commit(),
+        "source_sha256": source_digest(),
         "device": device,
     }
     if device == "cuda":
