@@ -355,6 +355,7 @@ class Sweep:
             return
         dev = self.cfg.device
         log.debug("%s %s: quantizing", g.shape.name, g.backend.name)
+        t_prepare = time.perf_counter()
         try:
             weight = self._weights.get(g.shape).to(dev, torch.bfloat16)
             states = [g.backend.prepare(weight, g.shape)]
@@ -367,6 +368,10 @@ class Sweep:
                 yield {**self._base(g, m, key), "status": "failed", "reason": _err(e)}
             self._free()
             return
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        # the group's quantize + copies, once per group: kept in its first point's wall_s
+        prepare_s: float | None = time.perf_counter() - t_prepare
         for m, key in todo:
             base = self._base(g, m, key)
             with self._watchdog(base):
@@ -374,6 +379,9 @@ class Sweep:
                     rec = {**base, **self._measure(g, states, m, ceilings)}
                 except Exception as e:  # one bad point does not stop the sweep
                     rec = {**base, "status": "failed", "reason": _err(e)}
+            if prepare_s is not None and rec["status"] == "ok":
+                rec["wall_s"] = {"prepare": prepare_s, **rec.get("wall_s", {})}
+                prepare_s = None
             yield rec
         del states
         self._free()

@@ -55,7 +55,7 @@ except OSError:
     sys.exit("no records yet")
 ok = [r for r in recs if r["status"] == "ok"]
 print(len(recs), "records;", dict(collections.Counter((r["backend"], r["status"]) for r in recs)))
-for phase in ("check", "capture", "attribution", "timing", "energy"):
+for phase in ("prepare", "check", "capture", "attribution", "timing", "energy"):
     vals = [r["wall_s"][phase] for r in ok if phase in (r.get("wall_s") or {})]
     if vals:
         print(f"{phase:12s} median {statistics.median(vals):.3f} s  total {sum(vals):.0f} s")
@@ -112,7 +112,7 @@ torch)
   DQPROF_CHECK_BACKENDS=bf16,triton-nf4 timeout 150 python3 scripts/gpu_energy_check.py \
     > "$OUT/energy-check.log" 2>&1; echo "energy check rc=$?"; tail -n 12 "$OUT/energy-check.log"
   tar -czf "$OUT/energy-check.tar.gz" -C "$OUT" energy-check && rm -rf "$OUT/energy-check"
-  sweep bf16,tinygemm-int4,triton-nf4; summary; pack ;;
+  sweep "bf16,tinygemm-int4,triton-nf4,triton-nf4[stats=fp32]"; summary; pack ;;
 all|sweep)
   [[ $1 == all ]] && python3 -c "import vllm, bitsandbytes, gemlite
 print('vllm', vllm.__version__, 'bitsandbytes', bitsandbytes.__version__)" 2>&1 | tail -1

@@ -241,3 +241,18 @@ def test_triton_nf4_that_never_ran_is_reported_not_split():
     from dqprof.analysis.figures import format_path_figure
 
     assert format_path_figure(a) is None
+
+
+def test_the_same_statistics_kernel_plays_the_fused_part_where_the_run_has_it():
+    from dqprof.analysis.format_path import roles_of
+
+    recs = fx.records(fx.TINY, backends=("bf16", "bnb-nf4", "triton-nf4", "marlin-gptq"))
+    assert roles_of(points_frame(recs)).fused == "triton-nf4"
+    from dqprof.models.config import load_config
+    from dqprof.models.shapes import linear_shapes
+
+    cfg = load_config(fx.TINY)
+    same = [fx.record(cfg.name, s, "triton-nf4", m, variant="stats=fp32", time_scale=1.05)
+            for s in linear_shapes(cfg) for m in fx.MS]
+    roles = roles_of(points_frame(recs + same))
+    assert roles.fused == "triton-nf4[stats=fp32]" and roles.nf4 == "bnb-nf4"

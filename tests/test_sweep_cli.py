@@ -56,6 +56,12 @@ def test_cpu_sweep_writes_records_and_run_json(tmp_path) -> None:
     info = json.loads((run / "run.json").read_text())
     assert info["schema"] == 1 and info["environment"]["versions"]["torch"]
     assert info["sessions"][0]["counts"]["ok"] == len(ok)
+    assert len(info["environment"]["source_sha256"]) == 64
+    # a group's quantize + copies are timed once, in its first point's phases
+    for layer, backend in {(r["layer"], r["backend"]) for r in ok}:
+        group = sorted((r for r in ok if (r["layer"], r["backend"]) == (layer, backend)),
+                       key=lambda r: r["m"])
+        assert [("prepare" in r["wall_s"]) for r in group] == [True, False]
 
 
 def test_existing_run_needs_resume(tmp_path) -> None:

@@ -31,6 +31,7 @@ from dqprof.analysis.breakdown import DECODE, PREFILL, Scenario, totals
 from dqprof.analysis.frame import NF4, series_label
 
 FUSED_NF4 = "triton-nf4"
+SAME_STATS = "stats=fp32"  # triton-nf4 on the statistics bnb-nf4 reads (see roles_of)
 INT4 = ("marlin-gptq", "marlin-awq", "machete-gptq", "machete-awq", "tinygemm-int4",
         "gemlite-int4")
 # what a missing path needs, for the section's notes
@@ -64,10 +65,18 @@ class Roles:
 
 def roles_of(points: pd.DataFrame) -> Roles:
     """Series with bnb-nf4's variant (the default, or 'hot' in a hot run): a path run with
-    other options is another kernel and plays no part."""
+    other options is another kernel and plays no part. One exception, for the same bytes:
+    bnb-nf4 reads fp32 absmax (vLLM undoes the nested statistics at load), triton-nf4 by
+    default the nested form (1 byte per 64 weights against 4), so where the run also holds
+    triton-nf4 with SAME_STATS, that series is the fused NF4 kernel of the split."""
     nf4 = points[points["backend"] == NF4]
     variant = str(nf4["variant"].iloc[0]) if len(nf4) else ""
-    return Roles(series_label(NF4, variant), series_label(FUSED_NF4, variant),
+    fused = series_label(FUSED_NF4, variant)
+    same = series_label(FUSED_NF4, ",".join(sorted(filter(None, (variant, SAME_STATS)))))
+    if (points["series"] == same).any() and (points[points["series"] == same]["status"]
+                                             == "ok").any():
+        fused = same
+    return Roles(series_label(NF4, variant), fused,
                  tuple(series_label(b, variant) for b in INT4))
 
 

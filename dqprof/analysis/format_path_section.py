@@ -149,6 +149,16 @@ def section(a: Analysis, plots: Mapping[str, Plot], prefix: str = "", level: int
                             "of")]
     int4 = ", ".join(f.roles.int4)
     out.append(Para(METHOD.format(int4=int4)))
+    if f.roles.fused == fp.FUSED_NF4:  # the default kernel: nested statistics
+        out.append(Para(
+            "The statistics bytes differ: bnb-nf4 as vLLM runs it reads fp32 absmax (vLLM "
+            "undoes the nested statistics at load: 4 bytes per 64 weights; records made before "
+            "2026-12-01 ran the nested form and dequantized it in every call), triton-nf4 the "
+            "nested form (1 byte per 64 weights and an fp32 per 256 blocks). A run that also "
+            "holds `triton-nf4[stats=fp32]` splits on the same bytes."))
+    else:
+        out.append(Para(f"The fused NF4 kernel here is {f.roles.fused}: the fp32 absmax "
+                        "bnb-nf4 reads, so the path part compares the same bytes."))
     notes = coverage_notes(f)
     if not f.splittable:
         missing = [s for s in (f.roles.nf4, f.roles.fused) if s in
