@@ -249,6 +249,25 @@ def test_period_bounds_hold_the_true_period_and_refuse_a_counter_off_its_period(
     assert period_bounds(ticks[:2]) is None  # too few to tell
 
 
+def test_one_update_off_the_grid_costs_only_the_history_before_it() -> None:
+    """As seen on the H200 (profiles/h200/session7): a single lagging read breaks a 10 s fit;
+    the reader's period then comes from the updates after it, and still holds the true one."""
+    rng = random.Random(2)
+    hist = en.TickHistory()
+    for i in range(100):
+        t = 5.0 + 0.1001 * i + rng.uniform(-2e-4, 2e-4)
+        lo, hi = t - rng.uniform(0, 8e-3), t + rng.uniform(1e-3, 8e-3)
+        if i == 40:  # read tightly, 3 ms late: no period fits the 10 s
+            lo, hi = t + 3e-3, t + 3.2e-3
+        hist.add(Tick(lo, hi, 1000 * i))
+    assert period_bounds(hist.ticks()) is None
+    lo, hi = hist.period()
+    assert lo <= 0.1001 <= hi and hi - lo < 2e-4  # 59 updates after the bad one pin it
+    hist.add(Tick(15.0105, 15.013, 100_000))  # the next update reuses the found start
+    lo, hi = hist.period()
+    assert lo <= 0.1001 <= hi
+
+
 def test_slow_reads_with_a_sweeps_history_stop_early_and_keep_their_precision() -> None:
     """The H200's case: slow reads, a reader that has read for the 10 s before. Steady power
     stops at the shortest window; the stated precision still covers the error."""
