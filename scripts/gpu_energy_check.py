@@ -26,7 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-# DQPROF_CHECK_BACKENDS="bf16,tinygemm-int4" checks other paths (e.g. without vLLM staged)
+# DQPROF_CHECK_BACKENDS="bf16,tinygemm-int4" checks other paths (e.g. without vLLM staged);
+# DQPROF_CHECK_PRECISION="2%" stops the windows where a sweep with that precision would
 BACKENDS = tuple(
     os.environ.get("DQPROF_CHECK_BACKENDS", "bf16,marlin-gptq,machete-gptq").split(","))
 SHAPES = "mlp.gate_up_proj,mlp.down_proj,sliding.qkv_proj"
@@ -58,6 +59,10 @@ def child(backend: str, run_dir: str) -> None:
 
     en.measure_energy = twice  # the sweep imports it from the module at each point
     cfg = SweepConfig(shapes=SHAPES, m=MS, backends=backend, point_timeout_s=60)
+    if os.environ.get("DQPROF_CHECK_PRECISION"):  # e.g. "2%": the sweep's --energy-precision
+        from dqprof.gate.compare import parse_fraction
+
+        cfg.energy_precision = parse_fraction(os.environ["DQPROF_CHECK_PRECISION"])
     counts = Sweep(cfg, Path(run_dir)).run()
     print(backend, counts, flush=True)
 

@@ -109,7 +109,8 @@ torch)
   timeout 60 python3 -m pytest -q -m gpu tests/test_gpu.py -k energy_window -p no:cacheprovider \
     > "$OUT/gpu-energy-test.txt" 2>&1; echo "energy window test rc=$?"
   tail -n 3 "$OUT/gpu-energy-test.txt"
-  DQPROF_CHECK_BACKENDS=bf16,triton-nf4 timeout 150 python3 scripts/gpu_energy_check.py \
+  DQPROF_CHECK_BACKENDS=bf16,triton-nf4 DQPROF_CHECK_PRECISION=$PRECISION timeout 150 \
+    python3 scripts/gpu_energy_check.py \
     > "$OUT/energy-check.log" 2>&1; echo "energy check rc=$?"; tail -n 12 "$OUT/energy-check.log"
   tar -czf "$OUT/energy-check.tar.gz" -C "$OUT" energy-check && rm -rf "$OUT/energy-check"
   sweep "bf16,tinygemm-int4,triton-nf4,triton-nf4[stats=fp32]"; summary; pack ;;
