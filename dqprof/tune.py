@@ -34,6 +34,7 @@ def candidates(m: int, n: int, k: int, sms: int,
     each GEMV decode in ``decodes`` (v3's at M <= 4 only: beyond, it compiled to more
     instructions per weight than the MMA needs; v4's in row groups of up to 4 rows)."""
     from dqprof.kernels.triton_nf4 import (
+        AUTO_DECODE,
         GEMV_MAX_M,
         TileConfig,
         _divisor_block_k,
@@ -67,6 +68,10 @@ def candidates(m: int, n: int, k: int, sms: int,
             elif d != "table":  # v4 beyond 4 rows: row groups of 4 (the weight re-read from L2)
                 variants(heuristic_config(m, n, k, sms, "gemv", d), (16, 32, 64),
                          (_divisor_block_k(k, 512),))
+            if d == AUTO_DECODE:  # 8 warps of the widest tile: more loads in flight an SM
+                wide = replace(heuristic_config(m, n, k, sms, "gemv", d), block_n=64,
+                               block_k=_divisor_block_k(k, 512), num_warps=8)
+                out.extend(replace(wide, split_k=s) for s in splits(wide))
         variants(heuristic_config(m, n, k, sms, "mma"), (64, 128), (128, 256))
     elif m <= 64:
         variants(base, (64, 128), (128, 256))

@@ -10,7 +10,7 @@
 # dqprof/kernels/configs/h200.json if it is faster) unedited, with these commands beside them.
 #   nf4   (carry part_00): triton-nf4's GPU tests (every decode against the fp32 reference);
 #         `dqprof tune triton-nf4` over M 1-16 searching the decodes whose tests passed (about
-#         1190 candidates, ~5 min), into
+#         1300 candidates, ~6 min), into
 #         runs/nf4/h200.json (written after every shape, largest first: a cut tune keeps its
 #         shapes)
 #   torch (carry part_01): the energy window's GPU test; scripts/gpu_energy_check.py on bf16 and
