@@ -25,6 +25,7 @@
 set -uo pipefail
 export PYTHONPATH=${GPU_SITE:-/tmp/gpu-site}:$PWD PYTHONUNBUFFERED=1
 export DQPROF_NF4_CONFIG=$PWD/runs/nf4/h200.json  # the sweep's triton-nf4 reads this table
+export DQPROF_CACHE_DIR=$PWD/runs/cache  # gemlite's autotune table, sent back by pack
 RUN=runs/h200
 T0=$(date +%s)
 STEP_S=${STEP_S:-540}
@@ -72,6 +73,8 @@ PY
 
 pack() {
   cp runs/nf4/h200.json "$OUT/nf4-h200.json" 2>/dev/null
+  # gemlite's autotune table: commit it as dqprof/kernels/configs/gemlite/nvidia_h200.json
+  cp "$DQPROF_CACHE_DIR"/gemlite/*.json "$OUT/" 2>/dev/null
   [[ -f $RUN/kernels.jsonl ]] && tar -C runs -czf "$OUT/h200-run.tar.gz" h200
 }
 

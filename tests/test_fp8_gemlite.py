@@ -183,6 +183,16 @@ def test_gemlite_tune_cache_loads_once_and_saves_as_it_grows(monkeypatch, tmp_pa
     second.open(fake, torch.device("cpu"))
     assert calls[-1] == ("load", str(path))
 
+    # a machine without its own table starts from the bundled one of its GPU model
+    bundled = tmp_path / "bundled"
+    bundled.mkdir()
+    (bundled / "nvidia_h200.json").write_text("{}")
+    monkeypatch.setattr(glmod, "BUNDLED_DIR", bundled)
+    monkeypatch.setenv("DQPROF_CACHE_DIR", str(tmp_path / "fresh"))
+    third = glmod._TuneCache()
+    third.open(fake, torch.device("cpu"))
+    assert calls[-1] == ("load", str(bundled / "nvidia_h200.json"))
+
 
 @pytest.mark.parametrize("k, ok", ((2560, True), (256, True), (96, False), (100, False)))
 def test_gemlite_shape_rule(k, ok):

@@ -69,6 +69,12 @@ def dequantize_gemlite(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     return q.float() * s + shift.repeat_interleave(group, dim=1)
 
 
+# gemlite autotune tables made on lent GPUs (`<gpu slug>.json`, gemlite's own format), read
+# where this machine has none of its own yet: gemlite's first run autotunes every M bucket
+# (about 9 s a layer and M on the H200, profiles/h200/session5/gemlite.log)
+BUNDLED_DIR = Path(__file__).parent / "configs" / "gemlite"
+
+
 def cache_path(gpu_name: str) -> Path:
     """Where this GPU's gemlite autotune results live (DQPROF_CACHE_DIR, else the XDG cache)."""
     root = os.environ.get("DQPROF_CACHE_DIR") or os.path.join(
@@ -88,8 +94,11 @@ class _TuneCache:
             self.save()  # what the groups so far tuned survives a later crash
             return
         self.path = cache_path(torch.cuda.get_device_name(device))
+        seed = BUNDLED_DIR / self.path.name  # a tune that came back from a lent GPU
         if self.path.exists():
             gemlite.load_config(str(self.path), print_error=True)
+        elif seed.exists():  # a first run on this GPU model: skips most of the autotuning
+            gemlite.load_config(str(seed), print_error=True)
         atexit.register(self.save)
 
     def save(self) -> None:
