@@ -24,7 +24,8 @@
 #   [PRECISION=2%] bash scripts/gpu_session8.sh nf4|torch|all|sweep
 set -uo pipefail
 export PYTHONPATH=${GPU_SITE:-/tmp/gpu-site}:$PWD PYTHONUNBUFFERED=1
-export DQPROF_NF4_CONFIG=$PWD/runs/nf4/h200.json  # the sweep's triton-nf4 reads this table
+# the sweep's triton-nf4 reads this step's tune where it was written, else the bundled table
+[[ -f runs/nf4/h200.json ]] && export DQPROF_NF4_CONFIG=$PWD/runs/nf4/h200.json
 export DQPROF_CACHE_DIR=$PWD/runs/cache  # gemlite's autotune table, sent back by pack
 RUN=runs/h200
 T0=$(date +%s)
