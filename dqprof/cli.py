@@ -265,7 +265,9 @@ def tune(
     """Time triton-nf4's tile candidates on this GPU and write the tuned table it reads.
 
     Every candidate is checked against the fp32 reference, then timed as the sweep times a
-    point (CUDA graph, weights rotated past L2). Every timing goes to <output>.log.jsonl.
+    point (CUDA graph, weights rotated past L2). Every timing goes to <output>.log.jsonl. An
+    existing table of this GPU at <output> keeps its entries for the shapes and M buckets
+    this tune does not time (--shapes mlp.gate_up_proj --m 1 refreshes only those).
     """
     from dqprof import tune as tuning
     from dqprof.kernels.triton_nf4 import DECODES, STATS
@@ -295,9 +297,13 @@ def tune(
         err_console.print(f"[{done}/{total}] {label}  (eta {eta:.0f} s)", highlight=False)
 
     output.parent.mkdir(parents=True, exist_ok=True)
+    try:  # an existing table of this GPU keeps its entries for what this tune does not time
+        previous = json.loads(output.read_text()) if output.exists() else None
+    except (OSError, ValueError):
+        previous = None
 
     def write(table: dict) -> None:  # after every shape: an interrupted tune keeps its shapes
-        output.write_text(json.dumps(table, indent=1) + "\n")
+        output.write_text(json.dumps(tuning.merge(table, previous), indent=1) + "\n")
 
     table = tuning.tune(model, shapes, buckets, stats, log_path, progress, searched, write)
     write(table)

@@ -62,12 +62,12 @@ def candidates(m: int, n: int, k: int, sms: int,
             out.extend(replace(c, split_k=s) for s in splits(c))
 
     if m <= GEMV_MAX_M:
-        for d in decodes:  # v3 at two depths; v4 (4x fewer accumulators) at its deepest
+        for d in decodes:  # at two depths: 256 lets split-K fill the SMs where K / 512 is odd
+            depths = tuple(sorted({_divisor_block_k(k, 256), _divisor_block_k(k, 512)}))
             if d == "table" and m <= 4:
-                variants(heuristic_config(m, n, k, sms, "gemv", d), (16, 32, 64), (256, 512))
+                variants(heuristic_config(m, n, k, sms, "gemv", d), (16, 32, 64), depths)
             elif d != "table":  # v4 beyond 4 rows: row groups of 4 (the weight re-read from L2)
-                variants(heuristic_config(m, n, k, sms, "gemv", d), (16, 32, 64),
-                         (_divisor_block_k(k, 512),))
+                variants(heuristic_config(m, n, k, sms, "gemv", d), (16, 32, 64), depths)
             if d == AUTO_DECODE:  # 8 warps of the widest tile: more loads in flight an SM
                 wide = replace(heuristic_config(m, n, k, sms, "gemv", d), block_n=64,
                                block_k=_divisor_block_k(k, 512), num_warps=8)
@@ -173,6 +173,22 @@ def _table(entries: list[dict[str, Any]], dev: Any, sms: int, stats: str,
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "buckets": list(buckets), "decodes": list(decodes),
             "entries": sorted(entries, key=lambda e: (e["n"], e["k"], e["m_max"]))}
+
+
+def merge(table: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
+    """``table`` plus the entries of ``previous`` (an earlier table of the same GPU) for the
+    shapes and M buckets this tune did not time, so a tune of some layers refreshes them only."""
+    if not previous or previous.get("gpu") != table["gpu"] or previous.get("schema") != 1:
+        return table
+    timed = {(e["n"], e["k"], e["m_max"]) for e in table["entries"]}
+    kept = [e for e in previous.get("entries", ())
+            if (e["n"], e["k"], e["m_max"]) not in timed]
+    if not kept:
+        return table
+    entries = sorted(table["entries"] + kept, key=lambda e: (e["n"], e["k"], e["m_max"]))
+    return {**table, "entries": entries,
+            "kept": {"entries": len(kept), "created": previous.get("created"),
+                     "triton": previous.get("triton")}}
 
 
 def _label(cfg: Any) -> str:

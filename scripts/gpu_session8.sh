@@ -11,9 +11,10 @@
 #     cat .gpu-deps/part_* > /tmp/b && rm .gpu-deps/part_* && split -b 45M -d /tmp/b .gpu-deps/part_
 # - a step never asks for more than the call's 600 s; each sends the run folder back as it is.
 # Steps, one per call, back to back (ETA: a 8-9 min, b/c seconds, all 9.5 min, sweep ~4 min):
-#   a     (carry part_00): triton-nf4's GPU tests (GEMV v4 row groups among them); a small tune
-#         of the row groups against the MMA at M = 8, 16 on gate_up and down_proj (an A/B into
-#         runs/nf4/rowgroups.json: the sweep keeps the bundled table); the energy window's GPU
+#   a     (carry part_00): triton-nf4's GPU tests (GEMV v4 row groups among them); a tune of
+#         gate_up and down_proj at M 1-16 (split-K at BLOCK_K 256, 8 warps, row groups against
+#         the MMA at M = 8, 16; ~270 candidates, ~2 min) into a copy of the bundled table,
+#         runs/nf4/h200.json, which the sweep's triton-nf4 then reads; the energy window's GPU
 #         test; scripts/gpu_energy_check.py on bf16 and triton-nf4 at PRECISION (the repeat
 #         spread); then the sweep of the torch-only paths (bf16, tinygemm-int4, triton-nf4,
 #         triton-nf4[stats=fp32]) into runs/h200
@@ -28,6 +29,8 @@
 set -uo pipefail
 export PYTHONPATH=${GPU_SITE:-/tmp/gpu-site}:$PWD PYTHONUNBUFFERED=1
 export DQPROF_CACHE_DIR=$PWD/runs/cache  # gemlite's autotune table, sent back by pack
+# triton-nf4 reads step a's table (the bundled one, gate_up and down_proj retuned) if written
+[[ -f runs/nf4/h200.json ]] && export DQPROF_NF4_CONFIG=$PWD/runs/nf4/h200.json
 RUN=runs/h200
 T0=$(date +%s)
 STEP_S=${STEP_S:-540}
@@ -75,6 +78,7 @@ PY
 }
 
 pack() {
+  cp runs/nf4/h200.json "$OUT/nf4-h200.json" 2>/dev/null
   # gemlite's autotune table: commit it as dqprof/kernels/configs/gemlite/nvidia_h200.json
   cp "$DQPROF_CACHE_DIR"/gemlite/*.json "$OUT/" 2>/dev/null
   [[ -f $RUN/kernels.jsonl ]] && tar -C runs -czf "$OUT/h200-run.tar.gz" h200
@@ -86,12 +90,13 @@ a)
   timeout 150 python3 -m pytest -q -m gpu tests/test_triton_nf4.py -p no:cacheprovider \
     > "$OUT/nf4-tests.txt" 2>&1
   echo "nf4 gpu tests rc=$? $(( $(date +%s) - T0 )) s"; tail -n 4 "$OUT/nf4-tests.txt"
-  t0=$(date +%s)
-  timeout 90 python3 -m dqprof tune triton-nf4 --m 8,16 --decodes shfl,table4 \
-    --shapes mlp.gate_up_proj,mlp.down_proj -o runs/nf4/rowgroups.json \
-    > "$OUT/rowgroups-tune.txt" 2>&1
-  echo "row-group tune rc=$? $(( $(date +%s) - t0 )) s"; grep -v "^\[" "$OUT/rowgroups-tune.txt"
-  cp runs/nf4/rowgroups.log.jsonl "$OUT/rowgroups-tune.log.jsonl" 2>/dev/null
+  t0=$(date +%s)  # the two largest layers retuned into a copy of the bundled table
+  cp dqprof/kernels/configs/h200.json runs/nf4/h200.json
+  timeout 150 python3 -m dqprof tune triton-nf4 --m 1,2,4,8,16 --decodes shfl \
+    --shapes mlp.gate_up_proj,mlp.down_proj -o runs/nf4/h200.json > "$OUT/tune.txt" 2>&1
+  echo "tune rc=$? $(( $(date +%s) - t0 )) s"; grep -v "^\[" "$OUT/tune.txt"
+  cp runs/nf4/h200.log.jsonl "$OUT/nf4-tune.log.jsonl" 2>/dev/null
+  export DQPROF_NF4_CONFIG=$PWD/runs/nf4/h200.json
   timeout 60 python3 -m pytest -q -m gpu tests/test_gpu.py -k energy_window -p no:cacheprovider \
     2>&1 | tail -n 2; echo "energy window test rc=${PIPESTATUS[0]}"
   DQPROF_CHECK_BACKENDS=bf16,triton-nf4 DQPROF_CHECK_PRECISION=$PRECISION timeout 120 \

@@ -65,3 +65,21 @@ def test_tune_rejects_unknown_decodes() -> None:
     proc = _tune("triton-nf4", "-o", "/tmp/x.json", "--decodes", "table,lut")
     assert proc.returncode == 2 and "--decodes takes some of" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_partial_tune_keeps_the_rest_of_the_table() -> None:
+    from dqprof.tune import merge
+
+    def entry(n: int, k: int, m_max: int, us: float) -> dict:
+        return {"layer": "x", "n": n, "k": k, "m_max": m_max, "config": {}, "median_s": us}
+
+    old = {"schema": 1, "gpu": "NVIDIA H200", "created": "2026-12-02T00:43:45+00:00",
+           "entries": [entry(20480, 2560, 1, 16e-6), entry(20480, 2560, 2, 19e-6),
+                       entry(2560, 10240, 1, 12e-6)]}
+    new = {"schema": 1, "gpu": "NVIDIA H200", "entries": [entry(20480, 2560, 1, 14e-6)]}
+    out = merge(new, old)
+    assert [(e["n"], e["m_max"], e["median_s"]) for e in out["entries"]] == [
+        (2560, 1, 12e-6), (20480, 1, 14e-6), (20480, 2, 19e-6)]
+    assert out["kept"]["entries"] == 2
+    assert merge(new, {**old, "gpu": "NVIDIA H100"}) is new  # another GPU's: not mixed in
+    assert merge(new, None) is new
