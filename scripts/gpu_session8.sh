@@ -53,29 +53,7 @@ sweep() {  # $1: backends; resumes the run folder and stops itself before the st
   echo "sweep [$1] rc=$? $(( $(date +%s) - t0 )) s"; tail -2 "$OUT/sweep.log"
 }
 
-summary() {
-  python3 - "$RUN/kernels.jsonl" <<'PY'
-import collections, json, statistics, sys
-try:
-    recs = [json.loads(line) for line in open(sys.argv[1])]
-except OSError:
-    sys.exit("no records yet")
-ok = [r for r in recs if r["status"] == "ok"]
-print(len(recs), "records;", dict(collections.Counter((r["backend"], r["status"]) for r in recs)))
-for phase in ("prepare", "check", "capture", "attribution", "timing", "energy"):
-    vals = [r["wall_s"][phase] for r in ok if phase in (r.get("wall_s") or {})]
-    if vals:
-        print(f"{phase:12s} median {statistics.median(vals):.3f} s  total {sum(vals):.0f} s")
-e = [r["energy"] for r in ok if r.get("energy") and r["energy"].get("j_per_call")]
-if e:
-    print("metered", len(e), "of", len(ok), "| window median",
-          round(statistics.median(x["window_s"] for x in e), 3), "s | precision median",
-          round(statistics.median(x["precision"] for x in e if x.get("precision")), 4),
-          "| stops", dict(collections.Counter(x["stop"] for x in e)),
-          "| on grid", sum(bool(x.get("tick_fit")) for x in e),
-          "| flagged", sum(bool(x.get("flag")) for x in e))
-PY
-}
+summary() { python3 scripts/run_summary.py "$RUN/kernels.jsonl"; }
 
 pack() {
   cp runs/nf4/h200.json "$OUT/nf4-h200.json" 2>/dev/null
