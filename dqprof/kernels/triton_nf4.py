@@ -30,7 +30,7 @@ Two kernels, picked per call by M (``tile_config``; a tuned table per GPU in
   GEMV v3 (``decode=table``); ``decode=shfl`` / ``table4`` run GEMV v4 (``_nf4_gemv4_kernel``,
   M <= 4: one absmax per 32 weights, no layout conversion in the loop) with a warp-shuffle
   level lookup / v3's table gathers. The heuristic takes v4's ``shfl`` at M <= 4 (the H200
-  tune, profiles/h200/session7: 1.3-2.2x faster than v3 on the four largest layers) and v3
+  tune, profiles/h200/session7: 1.3-2.1x faster than v3 on the four largest layers) and v3
   where a forced GEMV runs more rows than v4 holds.
 * ``mma`` (any M): the transposed product ``y.T = W_deq @ x.T`` on tensor cores, so the
   decoded weight tile is the MMA's first operand, which Hopper's wgmma takes from registers
