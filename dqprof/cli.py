@@ -258,9 +258,11 @@ def tune(
                  "1,2,4,...,4096); each bucket's config serves M up to it.")] = None,
     stats: Annotated[str, typer.Option(help="NF4 statistics: nested (bitsandbytes' default), "
                      "fp16 or fp32.")] = "nested",
-    decodes: Annotated[str, typer.Option(help="GEMV decodes to search at M <= 4 (comma "
-                       "separated): table (GEMV v3), table4 and shfl (GEMV v4).")]
-    = "table,table4,shfl",
+    decodes: Annotated[str, typer.Option(help="Decodes to search (comma separated): table "
+                       "(GEMV v3; the MMA's table gather), table4 (GEMV v4, table), shfl "
+                       "(GEMV v4, shuffle; the MMA's shuffle per word), shfl1 (the MMA's "
+                       "shuffle per nibble). The GEMV at M <= 16, the MMA beyond M = 4.")]
+    = "table,table4,shfl,shfl1",
 ) -> None:
     """Time triton-nf4's tile candidates on this GPU and write the tuned table it reads.
 

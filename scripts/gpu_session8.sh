@@ -13,11 +13,13 @@
 # Steps, one per call, back to back (ETA: a 8-9 min, b/c seconds, all 9.5 min, sweep ~4 min):
 #   a     (carry part_00): triton-nf4's GPU tests (GEMV v4 row groups among them); a tune of
 #         gate_up and down_proj at M 1-16 (split-K at BLOCK_K 256, 8 warps, row groups against
-#         the MMA at M = 8, 16; ~270 candidates, ~2 min) into a copy of the bundled table,
+#         the MMA and its two shuffle decodes at M = 8, 16; ~355 candidates, ~2 min) into a
+#         copy of the bundled table,
 #         runs/nf4/h200.json, which the sweep's triton-nf4 then reads; the energy window's GPU
 #         test; scripts/gpu_energy_check.py on bf16 and triton-nf4 at PRECISION (the repeat
 #         spread); then the sweep of the torch-only paths (bf16, tinygemm-int4, triton-nf4,
-#         triton-nf4[stats=fp32]) into runs/h200
+#         triton-nf4[stats=fp32]) into runs/h200, and an A/B of the MMA's shuffle decodes
+#         (triton-nf4[decode=shfl|shfl1] at M 16-4096 on three layers)
 #   b     (carry part_01), c (carry part_02): the torch-only sweep, resumed, if anything is left
 #   all   (carry part_03 + unpack.sh): the other paths, resumed, gemlite-int4 last (its first
 #         run on a board autotunes every M bucket; its table comes back for configs/gemlite/)
@@ -37,6 +39,9 @@ STEP_S=${STEP_S:-540}
 (( STEP_S > 570 )) && STEP_S=570  # the call's limit is 600 s: leave room to pack up
 PRECISION=${PRECISION:-2%}
 TORCH="bf16,tinygemm-int4,triton-nf4,triton-nf4[stats=fp32]"
+# the MMA's two shuffle decodes against its table gather (the default) at M >= 16: 30 points
+MMA_AB="triton-nf4[decode=shfl],triton-nf4[decode=shfl1]"
+AB_SHAPES="mlp.gate_up_proj,mlp.down_proj,full.qkv_proj"
 OTHERS="bnb-nf4,bnb-dequant,marlin-gptq,marlin-awq,machete-gptq,machete-awq,fp8,fp8-channel"
 mkdir -p "$RUN" runs/nf4
 nvidia-smi --query-gpu=name,uuid,driver_version,power.limit,temperature.gpu --format=csv,noheader
@@ -44,13 +49,14 @@ git log --oneline -1 2>/dev/null || true
 
 left() { echo $(( STEP_S - ($(date +%s) - T0) )); }
 
-sweep() {  # $1: backends; resumes the run folder and stops itself before the step's limit
+sweep() {  # $1: backends, then bench options; resumes the run folder, stops before the limit
   local t0; t0=$(date +%s)
   local budget; budget=$(left)
-  (( budget > 20 )) || { echo "no time left for $1"; return; }
-  timeout "$budget" python3 -m dqprof bench --backends "$1" -o "$RUN" --resume \
+  local backends=$1; shift
+  (( budget > 20 )) || { echo "no time left for $backends"; return; }
+  timeout "$budget" python3 -m dqprof bench --backends "$backends" "$@" -o "$RUN" --resume \
     --energy-precision "$PRECISION" >> "$OUT/sweep.log" 2>&1
-  echo "sweep [$1] rc=$? $(( $(date +%s) - t0 )) s"; tail -2 "$OUT/sweep.log"
+  echo "sweep [$backends] rc=$? $(( $(date +%s) - t0 )) s"; tail -2 "$OUT/sweep.log"
 }
 
 summary() { python3 scripts/run_summary.py "$RUN/kernels.jsonl"; }
@@ -70,7 +76,7 @@ a)
   echo "nf4 gpu tests rc=$? $(( $(date +%s) - T0 )) s"; tail -n 4 "$OUT/nf4-tests.txt"
   t0=$(date +%s)  # the two largest layers retuned into a copy of the bundled table
   cp dqprof/kernels/configs/h200.json runs/nf4/h200.json
-  timeout 150 python3 -m dqprof tune triton-nf4 --m 1,2,4,8,16 --decodes shfl \
+  timeout 200 python3 -m dqprof tune triton-nf4 --m 1,2,4,8,16 --decodes shfl,shfl1 \
     --shapes mlp.gate_up_proj,mlp.down_proj -o runs/nf4/h200.json > "$OUT/tune.txt" 2>&1
   echo "tune rc=$? $(( $(date +%s) - t0 )) s"; grep -v "^\[" "$OUT/tune.txt"
   cp runs/nf4/h200.log.jsonl "$OUT/nf4-tune.log.jsonl" 2>/dev/null
@@ -81,9 +87,9 @@ a)
     python3 scripts/gpu_energy_check.py > "$OUT/energy-check.log" 2>&1
   echo "energy check rc=$?"; tail -n 3 "$OUT/energy-check.log"
   tar -czf "$OUT/energy-check.tar.gz" -C "$OUT" energy-check && rm -rf "$OUT/energy-check"
-  sweep "$TORCH"; summary; pack ;;
+  sweep "$TORCH"; sweep "$MMA_AB" --m 16,64,256,1024,4096 --shapes "$AB_SHAPES"; summary; pack ;;
 b|c)
-  sweep "$TORCH"; summary; pack ;;
+  sweep "$TORCH"; sweep "$MMA_AB" --m 16,64,256,1024,4096 --shapes "$AB_SHAPES"; summary; pack ;;
 all|sweep)
   [[ $1 == all ]] && python3 -c "import vllm, bitsandbytes, gemlite
 print('vllm', vllm.__version__, 'bitsandbytes', bitsandbytes.__version__)" 2>&1 | tail -1

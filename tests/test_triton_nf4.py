@@ -79,6 +79,10 @@ CASES: list[tuple[str, int, int, int]] = [
     ("triton-nf4[decode=table4]", 64, 192, 2),  # K 192: BLOCK_K 64, two groups a row
     ("triton-nf4[kernel=gemv,decode=shfl]", 64, 512, 8),  # 2 row groups of BLOCK_M 4
     ("triton-nf4[kernel=gemv,decode=table4]", 72, 256, 6),  # 2 groups, the second masked
+    # the MMA's shuffle decode (levels joined back into k order)
+    ("triton-nf4[kernel=mma,decode=shfl]", 96, 256, 5),  # BLOCK_M 16, N tail
+    ("triton-nf4[decode=shfl,block_m=128]", 64, 256, 80),  # the prefill tile, masked M and N
+    ("triton-nf4[kernel=mma,decode=shfl1]", 64, 512, 5),  # a shuffle per nibble, split K tiles
 ]
 STATS_FORMS = ("nested", "fp16")
 # x = identity: each output is one dequantized weight, bf16(w) exactly through either kernel
@@ -90,6 +94,8 @@ EXACT_CASES: list[tuple[str, int, int]] = [
     ("triton-nf4[kernel=gemv,stats=fp16]", 64, 128),
     ("triton-nf4[kernel=gemv,decode=shfl]", 64, 128),
     ("triton-nf4[kernel=gemv,decode=shfl,stats=fp16]", 64, 128),
+    ("triton-nf4[kernel=mma,decode=shfl]", 64, 128),
+    ("triton-nf4[kernel=mma,decode=shfl1]", 64, 128),
 ]
 # the GEMV takes M <= 16 (v4: 4): the identity goes through it 8 (4) rows at a time
 GEMV_ROWS = 8
@@ -212,7 +218,9 @@ def test_cases_cover_the_paths(interpreted: dict[str, Any]) -> None:
         assert any(c["kernel"] == kernel and c["block_n"] == 16 for _, c in configs)
     assert any(m == 5 and c["kernel"] == "mma" for m, c in configs)  # forced below M 9
     assert all(c["kernel"] == "gemv" for m, c in configs if m == 1)
-    v4 = [(m, c) for m, c in configs if c["decode"] != "table"]
+    v4 = [(m, c) for m, c in configs if c["decode"] != "table" and c["kernel"] == "gemv"]
+    assert {c["block_m"] for _, c in configs
+            if c["decode"] == "shfl" and c["kernel"] == "mma"} == {16, 128}
     assert {c["block_m"] for _, c in v4} == {1, 2, 4} and {c["decode"] for _, c in v4} == {
         "shfl", "table4"}
     assert {m for m, c in v4 if m > c["block_m"]} == {6, 8}  # row groups
@@ -227,7 +235,9 @@ def test_identity_gives_the_bf16_weight(interpreted: dict[str, Any], index: int)
     r = interpreted["exact"][index]
     spec = r["case"][0]
     assert r["kernel"] == ("gemv" if "kernel=gemv" in spec else "mma")
-    assert r["decode"] == ("shfl" if "decode=shfl" in spec else "table")
+    asked = next((o[7:] for o in spec[spec.find("[") + 1:-1].split(",")
+                  if o.startswith("decode=")), "table")
+    assert r["decode"] == asked
     assert r["nested"] == ("stats=" not in spec)
     assert r["equal"], r
 
@@ -411,7 +421,8 @@ def test_tile_heuristic() -> None:
                                                                           decode=decode)
         assert tile_config(2, 20480, 2560, sms, opts).block_n == 32
         assert tile_config(4, 20480, 2560, sms, opts).decode == decode
-        assert tile_config(16, 20480, 2560, sms, opts).decode == "table"  # the MMA
+        mma = tile_config(16, 20480, 2560, sms, opts)  # the MMA: shuffle, or its table
+        assert (mma.kernel, mma.decode) == ("mma", "shfl" if decode == "shfl" else "table")
     # no decode asked for: v4's shuffle where it holds the rows, v3 where a forced GEMV runs more
     assert tile_config(2, 20480, 2560, sms, auto).decode == "shfl"
     assert tile_config(2, 20480, 2560, sms, {**auto, "decode": "table"}).block_n == 16
@@ -563,7 +574,7 @@ def test_cpu_without_interpreter_says_why() -> None:
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 GPU_SPECS = ("triton-nf4", "triton-nf4[stats=fp16]", "triton-nf4[kernel=mma]",
              "triton-nf4[decode=shfl]", "triton-nf4[decode=shfl,stats=fp16]",
-             "triton-nf4[decode=table4]")
+             "triton-nf4[decode=table4]", "triton-nf4[kernel=mma,decode=shfl1]")
 # the GEMV's decodes (GEMV v3's table, v4's table and shuffle: DECODES), as the GPU runs them
 GPU_DECODES = ("table", "table4", "shfl")
 

@@ -56,9 +56,13 @@ def test_candidates_search_the_decodes_asked_for(m: int) -> None:
     assert decodes == ({"table", "table4", "shfl"} if m <= 4 else {"table4", "shfl"})
     only_v3 = {c.decode for c in candidates(m, n, k, 132, ("table",)) if c.kernel == "gemv"}
     assert only_v3 == ({"table"} if m <= 4 else set())
-    shfl = [c for c in candidates(m, n, k, 132, ("table", "shfl")) if c.decode == "shfl"]
+    both = candidates(m, n, k, 132, ("table", "shfl"))
+    shfl = [c for c in both if c.decode == "shfl" and c.kernel == "gemv"]
     assert len(shfl) > 0
     assert all(c.block_m <= 4 and k % c.block_k == 0 for c in shfl)
+    # beyond 4 rows the MMA is timed with either decode
+    mma = {c.decode for c in both if c.kernel == "mma"}
+    assert mma == ({"table"} if m <= 4 else {"table", "shfl"})
 
 
 def test_tune_rejects_unknown_decodes() -> None:

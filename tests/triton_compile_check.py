@@ -43,7 +43,7 @@ SWEEP_M = tuple(1 << i for i in range(13)) + (600,)
 tl: Any = None  # triton.language, bound by main() (the probe kernel resolves it here)
 # PTX and HELPERS: the inline PTX and the jitted helpers the kernels take by name
 _NEEDED = ("BLOCKSIZE", "TileConfig", "tile_config", "_nf4_gemv_kernel", "_nf4_gemv4_kernel",
-           "_nf4_mma_kernel", "_nf4_splitk_reduce", "PTX", "HELPERS")
+           "_nf4_mma_kernel", "_nf4_splitk_reduce", "PTX", "HELPERS", "MMA_DECODE")
 
 
 def _stdlib_import(node: ast.Import | ast.ImportFrom) -> bool:
@@ -127,7 +127,7 @@ STRING_OPTS = ("kernel", "stats", "decode")
 # what the sweep and the GPU tests run: the heuristic, tensor cores at every M, plain stats,
 # and the GEMV v4 decodes (the shuffle decode is PTX only: the interpreter cannot run it)
 VARIANTS = ("", "kernel=mma", "stats=fp16", "decode=shfl", "decode=table4",
-            "decode=shfl,stats=fp16")
+            "decode=shfl,stats=fp16", "kernel=mma,decode=shfl1")
 STATS_PTR = {"nested": "*u8", "fp16": "*fp16", "fp32": "*fp32"}
 # a stand-in for the level table's address words: the low word is 64-byte aligned
 LUT_LO, LUT_HI = 0x1234_5640, 0x7F3A
@@ -143,7 +143,7 @@ def parse_variant(text: str) -> dict[str, Any]:
         opts[key] = value if key in STRING_OPTS else int(value)
     if opts["stats"] not in STATS_PTR:
         raise SystemExit(f"unknown triton-nf4 stats {opts['stats']!r}")
-    if opts["decode"] not in ("", "table", "table4", "shfl"):
+    if opts["decode"] not in ("", "table", "table4", "shfl", "shfl1"):
         raise SystemExit(f"unknown triton-nf4 decode {opts['decode']!r}")
     return opts
 
@@ -162,8 +162,7 @@ def jobs(ns: dict[str, Any], shapes=GEMMA4_E4B, ms=SWEEP_M, sms: int = 132,
         # the output's row and split strides
         ints = {"M": m, "N": n, "K": k, "kw": k // 8, "kb": k // ns["BLOCKSIZE"],
                 "stride_xm": k, "stride_om": n, "stride_os": m * n}
-        if cfg.kernel == "gemv":
-            ints.update(lut_lo=LUT_LO, lut_hi=LUT_HI)
+        ints.update(lut_lo=LUT_LO, lut_hi=LUT_HI)  # every kernel but the reduction
         if kernel == "gemv4":  # row groups of x (1, specialized, at M <= BLOCK_M)
             ints.update(R=-(-m // cfg.block_m))
         if quick:  # one specialization per tile config: M, N, K plain, strides as usual
@@ -190,6 +189,8 @@ def jobs(ns: dict[str, Any], shapes=GEMMA4_E4B, ms=SWEEP_M, sms: int = 132,
             tiles.append(("GROUP_N", cfg.group_n))
         if kernel == "gemv4":
             tiles.append(("SHFL", cfg.decode == "shfl"))
+        elif kernel == "mma":
+            tiles.append(("SHFL", ns["MMA_DECODE"][cfg.decode]))
         for name, v in (*tiles, ("NESTED", nested), ("ASM", True)):
             sig.append((name, "constexpr"))
             consts.append((name, v))

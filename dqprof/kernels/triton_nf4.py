@@ -75,7 +75,11 @@ STATS = ("nested", "fp16", "fp32")
 # the GEMV's decode: "table" is GEMV v3 (_nf4_gemv_kernel: L1 table gathers); GEMV v4
 # (_nf4_gemv4_kernel) with L1 table gathers ("table4") or warp shuffles ("shfl"). See
 # docs/triton-nf4.md for their SASS and times.
-DECODES = ("table", "table4", "shfl")
+DECODES = ("table", "table4", "shfl", "shfl1")
+# the MMA's: "table" (a gather per nibble from the L1 table; "table4" runs it too), "shfl" (v4's
+# shuffle per word, its 8 levels joined back into k order), "shfl1" (one shuffle per nibble in
+# the gather's own layout; the GEMV runs "shfl" for it)
+MMA_DECODE = {"table": 0, "table4": 0, "shfl": 1, "shfl1": 2}
 GEMV4_MAX_M = 4  # v4 holds one accumulator per row of x
 AUTO_DECODE = "shfl"  # the heuristic's decode where v4 takes the rows (M <= GEMV4_MAX_M)
 _PLAIN_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
@@ -86,6 +90,7 @@ tl: Any = None
 _DECODE8: Any = None  # the PTX below, as tl.constexpr (bound with tl; see PTX)
 _LOAD_X8: Any = None
 _SHFL8: Any = None
+_SHFL1: Any = None
 _ABSMAX_NESTED: Any = None
 _ABSMAX_FP16: Any = None
 _ABSMAX_FP32: Any = None
@@ -435,14 +440,52 @@ def _nf4_gemv_kernel(
         tl.store(out, acc, mask=mask)
 
 
+def _nf4_levels_shfl(lut_ptr, codes, lut_lo, lut_hi, ASM: tl.constexpr):
+    """_nf4_levels by one warp shuffle per code (the lane's own level loaded in the same PTX,
+    which ptxas hoists out of the loop); the interpreter loads the table."""
+    if ASM:
+        zero = codes * 0
+        return tl.inline_asm_elementwise(_SHFL1, "=r,r,r,r", [codes, zero + lut_lo,
+                                                              zero + lut_hi],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.load(lut_ptr + codes)
+
+
+def _nf4_tile_shfl(words, a_w, lut_ptr, lut_lo, lut_hi, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, ASM: tl.constexpr):
+    """[BLOCK_N, BLOCK_K] bf16 weights from [BLOCK_N, words] by the shuffle decode: each join
+    adds a last axis, so joining (v0, v4), (v2, v6) ... puts level j at 4 (j // 4) +
+    2 ((j // 2) % 2) + j % 2 = j of its word's 8."""
+    v0, v1, v2, v3, v4, v5, v6, v7 = _nf4_decode8_v4(words, lut_ptr, lut_lo, lut_hi, True, ASM)
+    v0 = (v0 * a_w).to(tl.bfloat16)
+    v1 = (v1 * a_w).to(tl.bfloat16)
+    v2 = (v2 * a_w).to(tl.bfloat16)
+    v3 = (v3 * a_w).to(tl.bfloat16)
+    v4 = (v4 * a_w).to(tl.bfloat16)
+    v5 = (v5 * a_w).to(tl.bfloat16)
+    v6 = (v6 * a_w).to(tl.bfloat16)
+    v7 = (v7 * a_w).to(tl.bfloat16)
+    even = tl.join(tl.join(v0, v4), tl.join(v2, v6))
+    odd = tl.join(tl.join(v1, v5), tl.join(v3, v7))
+    return tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))
+
+
 def _nf4_mma_kernel(
     x_ptr, w_ptr, a_ptr, a2_ptr, code2_ptr, lut_ptr, out_ptr,
-    M, N, K, kw, kb, offset, stride_xm, stride_om, stride_os,
+    M, N, K, kw, kb, offset, stride_xm, stride_om, stride_os, lut_lo, lut_hi,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_N: tl.constexpr, NESTED: tl.constexpr,
-    ASM: tl.constexpr,
+    SHFL: tl.constexpr, ASM: tl.constexpr,
 ):
-    """out[m, n] (+ split pid_k's slice) via acc[n, m] = dequant(W)[n, :] @ x[m, :].T."""
+    """out[m, n] (+ split pid_k's slice) via acc[n, m] = dequant(W)[n, :] @ x[m, :].T.
+
+    The decode (SHFL, MMA_DECODE): 0 a gather per nibble from the L1 table; 1 GEMV v4's warp
+    shuffle per word, its 8 levels joined back into k order; 2 a shuffle per nibble in the
+    gather's layout. sm_90 SASS with triton 3.6, loop instructions and barriers per k-tile of
+    the prefill tile (128x128x64, 8 warps): 567 / 3, 327 / 9, 509 / 3; of the M = 16 tile
+    (16x64x128, 4 warps): 1059 / 5, 596 / 17, 912 / 5. Which is fastest is the GPU's to say
+    (`dqprof tune` times all three); the gather stays the default until it has."""
     WPT: tl.constexpr = BLOCK_K // 8
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -482,9 +525,15 @@ def _nf4_mma_kernel(
                           n_mask[:, None], NESTED)
         xt = tl.load(x_cols + (kt * BLOCK_K + offs_k)[:, None], mask=m_mask[None, :],
                      other=0.0)  # [BLOCK_K, BLOCK_M]
-        codes = (words[:, :, None] >> shifts[None, None, :]) & 15
-        v = _nf4_levels(lut_ptr, codes, ASM) * a_w[:, :, None]
-        w = tl.reshape(v, (BLOCK_N, BLOCK_K)).to(tl.bfloat16)
+        if SHFL == 1:
+            w = _nf4_tile_shfl(words, a_w, lut_ptr, lut_lo, lut_hi, BLOCK_N, BLOCK_K, ASM)
+        else:
+            codes = (words[:, :, None] >> shifts[None, None, :]) & 15
+            if SHFL == 2:
+                v = _nf4_levels_shfl(lut_ptr, codes, lut_lo, lut_hi, ASM)
+            else:
+                v = _nf4_levels(lut_ptr, codes, ASM)
+            w = tl.reshape(v * a_w[:, :, None], (BLOCK_N, BLOCK_K)).to(tl.bfloat16)
         acc = tl.dot(w, xt, acc)
 
     out = (out_ptr + pid_k.to(tl.int64) * stride_os + offs_m.to(tl.int64)[None, :] * stride_om
@@ -508,11 +557,16 @@ def _nf4_splitk_reduce(ws_ptr, y_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.const
 
 # what _kernels() binds (and tests/triton_compile_check.py, which compiles without torch): the
 # inline PTX as constexprs under the names the helpers use, and the jitted helpers
+# one code's level by shuffle ($1: the code; $2, $3: the table address's low and high words)
+_SHFL1_PTX = ("{ .reg .b32 l; .reg .b64 a; .reg .f32 t; mov.u32 l, %laneid; and.b32 l, l, 15;"
+              " shl.b32 l, l, 2; or.b32 l, l, $2; mov.b64 a, {l, $3}; ld.global.nc.f32 t, [a];"
+              " shfl.sync.idx.b32 $0, t, $1, 31, -1; }")
 PTX = {"_DECODE8": _DECODE8_PTX, "_LOAD_X8": _LOAD_X8_PTX, "_SHFL8": _SHFL8_PTX,
-       "_ABSMAX_NESTED": _ABSMAX_NESTED_PTX, "_ABSMAX_FP16": _ABSMAX_FP16_PTX,
+       "_SHFL1": _SHFL1_PTX, "_ABSMAX_NESTED": _ABSMAX_NESTED_PTX, "_ABSMAX_FP16": _ABSMAX_FP16_PTX,
        "_ABSMAX_FP32": _ABSMAX_FP32_PTX}
 HELPERS = (_nf4_absmax, _nf4_absmax_rows, _nf4_levels, _nf4_decode8, _nf4_load_x8,
-           _nf4_word_dot, _nf4_decode8_v4, _nf4_word_fma, _nf4_word_rows)
+           _nf4_word_dot, _nf4_decode8_v4, _nf4_word_fma, _nf4_word_rows, _nf4_tile_shfl,
+           _nf4_levels_shfl)
 
 
 @functools.cache
@@ -559,7 +613,7 @@ class TileConfig:
     num_warps: int
     num_stages: int
     group_n: int = 8
-    decode: str = "table"  # the GEMV's (DECODES); the MMA kernel has one decode
+    decode: str = "table"  # the GEMV's: table, table4, shfl; the MMA's: table, shfl, shfl1
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -629,11 +683,14 @@ def tile_config(m: int, n: int, k: int, sms: int, opts: dict[str, Any],
                 table: Any = None) -> TileConfig:
     """The config of one call: forced options > tuned table > heuristic. A forced decode
     other than the table entry's takes that decode's heuristic tiles (as a forced kernel does)."""
-    decode = opts.get("decode") or ""
+    asked = opts.get("decode") or ""
+    decode = {"shfl1": "shfl"}.get(asked, asked)  # the GEMV's
     cfg = (table.lookup(m, n, k) if table is not None else None) or heuristic_config(
         m, n, k, sms, decode=decode)
     if cfg.kernel == "gemv" and decode and decode != cfg.decode:
         cfg = heuristic_config(m, n, k, sms, decode=decode)
+    if cfg.kernel == "mma" and asked:  # the MMA's own decodes (MMA_DECODE)
+        cfg = replace(cfg, decode={"table4": "table"}.get(asked, asked))
     forced = {key: opts[key] for key in ("kernel", "block_m", "block_n", "block_k", "split_k",
                                          "num_warps", "num_stages") if opts.get(key)}
     if forced:
@@ -782,7 +839,7 @@ def nf4_matmul(st: Nf4State, x: torch.Tensor, cfg: TileConfig) -> torch.Tensor:
             SPLIT_K=cfg.split_k, NESTED=st.nested, ASM=x.is_cuda, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages)
     elif cfg.kernel == "gemv":
-        if cfg.decode not in DECODES or cfg.block_m > GEMV4_MAX_M:
+        if cfg.decode not in ("table4", "shfl") or cfg.block_m > GEMV4_MAX_M:
             raise ValueError(f"triton-nf4 GEMV v4: decode={cfg.decode!r}, BLOCK_M={cfg.block_m}")
         if n * (k // BLOCKSIZE) >= 1 << 31:  # v4 indexes the statistics in int32
             raise ValueError(f"triton-nf4 decode={cfg.decode}: N * K / 64 must be < 2**31")
@@ -794,9 +851,10 @@ def nf4_matmul(st: Nf4State, x: torch.Tensor, cfg: TileConfig) -> torch.Tensor:
             num_stages=cfg.num_stages)
     else:
         grid = (_cdiv(m, cfg.block_m) * _cdiv(n, cfg.block_n), cfg.split_k)
-        kern.mma[grid](*args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                       SPLIT_K=cfg.split_k, GROUP_N=cfg.group_n, NESTED=st.nested, ASM=x.is_cuda,
-                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        kern.mma[grid](*args, *_split_address(st.lut), BLOCK_M=cfg.block_m,
+                       BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
+                       GROUP_N=cfg.group_n, NESTED=st.nested, SHFL=MMA_DECODE[cfg.decode],
+                       ASM=x.is_cuda, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.split_k > 1:
         block = 1024
         kern.reduce[(_cdiv(m * n, block),)](out, y, m * n, SPLIT_K=cfg.split_k, BLOCK=block,
