@@ -43,7 +43,9 @@ TORCH="bf16,tinygemm-int4,triton-nf4,triton-nf4[stats=fp32]"
 MMA_AB="triton-nf4[decode=shfl],triton-nf4[decode=shfl1]"
 AB_SHAPES="mlp.gate_up_proj,mlp.down_proj,full.qkv_proj"
 OTHERS="bnb-nf4,bnb-dequant,marlin-gptq,marlin-awq,machete-gptq,machete-awq,fp8,fp8-channel"
-mkdir -p "$RUN" runs/nf4
+mkdir -p "$RUN" runs/nf4 /opt/gpu-stage
+# each call carries one part of the bundle: keep it where unpack.sh joins them
+cp .gpu-deps/part_* /opt/gpu-stage/ 2>/dev/null
 nvidia-smi --query-gpu=name,uuid,driver_version,power.limit,temperature.gpu --format=csv,noheader
 git log --oneline -1 2>/dev/null || true
 
