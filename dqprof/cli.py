@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from dqprof.analysis.cli import report
 from dqprof.errors import DqprofError
@@ -198,17 +199,17 @@ def bench(
             eta.advance(weights.pop(0) if weights else 1.0)
             width = max(16, min(48, err_console.width - 52))  # the bar's line fits the width
             bar.update(task, completed=done, total=total,
-                       description=label[:width].ljust(width))
+                       description=escape(label[:width].ljust(width)))
             # CI logs are no terminal: a plain line every 30 s instead of a live bar
             if not err_console.is_terminal and time.monotonic() - last_line[0] > 30:
                 last_line[0] = time.monotonic()
-                err_console.print(f"{done}/{total} points, {eta.text()}, last: {label}",
+                err_console.print(f"{done}/{total} points, {eta.text()}, last: {escape(label)}",
                                   highlight=False)
 
         sweep.progress = progress
         counts = sweep.run()
     for w in sweep.warnings:
-        err_console.print(f"[yellow]warning:[/] {w}")
+        err_console.print(f"[yellow]warning:[/] {escape(w)}")
     console.print(f"{run_dir}: {counts['ok']} ok, {counts['skipped']} skipped, "
                   f"{counts['failed']} failed, {counts['resumed']} already recorded")
 
@@ -219,21 +220,21 @@ def _bench_gpus(cfg: Any, run_dir: Path, gpus: str, resume: bool, retry_failed: 
 
     runner = Runner(cfg, run_dir, gpus, resume, retry_failed)  # bad --gpus: exit 2 here
     for note in runner.notes:
-        err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+        err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     last = [0.0]
 
     def show(line: str) -> None:
         if err_console.is_terminal:
-            status.update(line)
+            status.update(escape(line))
         elif time.monotonic() - last[0] > 30:
             last[0] = time.monotonic()
-            err_console.print(line, highlight=False)
+            err_console.print(line, highlight=False, markup=False)
 
     with err_console.status(f"starting {len(runner.workers)} worker(s)") as status:
         runner.show = show
         code = runner.run()
     for problem in runner.problems():
-        err_console.print(f"[red]error:[/] {problem}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/] {escape(problem)}", highlight=False, soft_wrap=True)
     counts = {s: 0 for s in ("ok", "skipped", "failed")}
     from dqprof.results import load_records
 
@@ -296,7 +297,8 @@ def tune(
 
     def progress(done: int, total: int, label: str) -> None:
         eta = (time.perf_counter() - t0) / done * (total - done)
-        err_console.print(f"[{done}/{total}] {label}  (eta {eta:.0f} s)", highlight=False)
+        err_console.print(f"[{done}/{total}] {label}  (eta {eta:.0f} s)", highlight=False,
+                          markup=False)
 
     output.parent.mkdir(parents=True, exist_ok=True)
     try:  # an existing table of this GPU keeps its entries for what this tune does not time

@@ -100,8 +100,8 @@ def tune(model: str, shapes_filter: str | None, buckets: tuple[int, ...], stats:
          decodes: tuple[str, ...] = DECODES,
          checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Time every candidate; return the table (also appending every timing to ``log_path``).
-    Largest weights first; ``checkpoint`` gets the table so far after each shape, so an
-    interrupted tune still leaves its finished shapes (the rest fall back to the heuristic)."""
+    Largest weights first; ``checkpoint`` gets the table so far after each M bucket, so an
+    interrupted tune still leaves its finished buckets (the rest fall back to the heuristic)."""
     import torch
 
     from dqprof.kernels.triton_nf4 import TritonNf4, _sm_count, nf4_matmul, quantize_state
@@ -161,11 +161,12 @@ def tune(model: str, shapes_filter: str | None, buckets: tuple[int, ...], stats:
                     entries.append({"layer": shape.name, "n": shape.n, "k": shape.k,
                                     "m_max": m, "config": asdict(best[0]),
                                     "median_s": best[1]})
+                    # after each bucket: a tune cut by a time limit keeps every bucket it ended
+                    if checkpoint is not None:
+                        checkpoint(_table(entries, dev, sms, stats, buckets, decodes))
                 torch.cuda.synchronize()
             del states, first, ref
             torch.cuda.empty_cache()
-            if checkpoint is not None:
-                checkpoint(_table(entries, dev, sms, stats, buckets, decodes))
     return _table(entries, dev, sms, stats, buckets, decodes)
 
 
@@ -199,8 +200,7 @@ def merge(table: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, A
 
 
 def _label(cfg: Any) -> str:
-    decode = f" {cfg.decode}" if cfg.kernel == "gemv" else ""  # the MMA has one decode
-    return (f"{cfg.kernel}{decode} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} s{cfg.split_k} "
+    return (f"{cfg.kernel} {cfg.decode} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} s{cfg.split_k} "
             f"w{cfg.num_warps} st{cfg.num_stages}")
 
 

@@ -139,8 +139,9 @@ def table(out: Path, rcs: dict[str, int | str]) -> dict:
                                       if z_scores else None),
             "windows_on_period_grid": fitted,
             "median_abs_first_interval_dev": statistics.median(map(abs, ramps)) if ramps else None,
-            "phase_median_s": {k: statistics.median(r["wall_s"][k] for r in ok)
-                               for k in (ok[0]["wall_s"] if ok else {})},
+            # a run's first point also carries its group's `prepare`: median over those that have it
+            "phase_median_s": {k: statistics.median(r["wall_s"][k] for r in ok if k in r["wall_s"])
+                               for k in dict.fromkeys(k for r in ok for k in r["wall_s"])},
         }
     print()
     for backend, s in summary.items():

@@ -86,3 +86,29 @@ def test_a_cut_run_leaves_out_the_paths_it_did_not_reach():
     rows, left = per_token(points_frame(short), Scenario("decode", 64))
     assert rows[rows["series"] == "bnb-nf4"].empty
     assert any("bnb-nf4 left out" in x for x in left)
+
+
+@pytest.mark.parametrize("flag, bound", [
+    ("gpu idle 2.5% of the window (host could not keep it fed)", True),  # idle charged to calls
+    ("zero energy", False),  # no figure at all: the path leaves the scenario
+])
+def test_an_idled_window_counts_as_an_upper_bound(flag, bound):
+    from dqprof.analysis.breakdown import upper_bounds
+
+    recs = fx.records(fx.TINY)
+    hit = next(r for r in recs if r["backend"] == "bnb-nf4" and r["layer"] == "attn.o_proj"
+               and r["m"] == 1 and r["status"] == "ok")
+    hit["energy"]["flag"] = flag
+    rows, left = per_token(points_frame(recs), DECODE[0])
+    mine = rows[(rows["series"] == "bnb-nf4") & (rows["layer"] == "attn.o_proj")]
+    if bound:
+        assert not left and len(mine) == 1
+        assert mine["per_call"].iloc[0] == hit["energy"]["j_per_call"]
+        assert list(upper_bounds(rows)) == ["bnb-nf4"]
+        assert "attn.o_proj at M=1: gpu idle 2.5%" in upper_bounds(rows)["bnb-nf4"][0]
+    else:
+        assert mine.empty and rows[rows["series"] == "bnb-nf4"].empty
+        assert any("bnb-nf4 left out" in x for x in left) and not upper_bounds(rows)
+    # time is never a bound: the window's idle does not touch the timed replays
+    rows_t, _ = per_token(points_frame(recs), DECODE[0], "time_s")
+    assert not upper_bounds(rows_t)

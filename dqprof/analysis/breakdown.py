@@ -75,6 +75,16 @@ def per_token(points: pd.DataFrame, scenario: Scenario, metric: str = "energy_j"
                 used, note = refs[s], f"{refs[s]} record used ({why})"
                 own = ok[(ok["series"] == used) & (ok["layer"] == lay.layer)]
             at = value_at(own["m"], own[metric], m)
+            bound = ""
+            if (metric == "energy_j" and "energy_bound_j" in own
+                    and (at is None or at.method != "measured")):
+                # a window flagged for GPU idle at this M: its figure, as an upper bound,
+                # rather than a neighbour's or the path leaving the scenario
+                flagged = own[(own["m"] == m) & own["energy_bound_j"].notna()]
+                if len(flagged):
+                    f = flagged.iloc[0]
+                    at = value_at([m], [f["energy_bound_j"]], m)
+                    bound = f"{lay.layer} at M={m}: {f['energy_flag']}"
             # the M this layer was run at by any path: a neighbour stands in only outside it
             # (inside, the path failed there or the run was cut before it)
             tried = points[points["layer"] == lay.layer]["m"]
@@ -89,9 +99,9 @@ def per_token(points: pd.DataFrame, scenario: Scenario, metric: str = "energy_j"
                          "interpolated": at.method != "measured", "per_call": at.value,
                          "calls_per_token": lay.calls_per_token,
                          "per_token": lay.calls_per_token * at.value / scenario.size,
-                         "note": note})
+                         "note": note, "upper_bound": bound})
     cols = ["series", "layer", "group", "m", "source", "substituted", "how", "interpolated",
-            "per_call", "calls_per_token", "per_token", "note"]
+            "per_call", "calls_per_token", "per_token", "note", "upper_bound"]
     # a total missing a layer would look cheaper than it is: such a path leaves the scenario
     word = "energy" if metric == "energy_j" else "time"
     for s, layers in missing.items():
@@ -100,6 +110,15 @@ def per_token(points: pd.DataFrame, scenario: Scenario, metric: str = "energy_j"
                         f"measured) for {named}")
     rows = [r for r in rows if r["series"] not in missing]
     return pd.DataFrame(rows, columns=cols), left_out
+
+
+def upper_bounds(rows: pd.DataFrame) -> dict[str, list[str]]:
+    """Series -> the layers whose figure is an upper bound (a window flagged for GPU idle):
+    that series' total bounds its true figure from above."""
+    if rows.empty or "upper_bound" not in rows:
+        return {}
+    b = rows[rows["upper_bound"].astype(bool)]
+    return {s: g["upper_bound"].tolist() for s, g in b.groupby("series", sort=False)}
 
 
 def totals(rows: pd.DataFrame) -> pd.DataFrame:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from dqprof.output import FormatOpt, Rows, WideOpt, check_format, col, emit
+from dqprof.output import Col, FormatOpt, Rows, WideOpt, check_format, col, emit
 
 SHOWN = 8  # left-out notes printed on the terminal; summary.md lists them all
 
@@ -30,6 +31,7 @@ def report(
 
     matplotlib.use("Agg")  # files only: never needs a display
     from rich.console import Console
+    from rich.markup import escape
 
     from dqprof.analysis.report import make_report
 
@@ -41,7 +43,8 @@ def report(
     note.print(f"{result.out}/report.html, summary.md and {len(result.files) - 2} more "
                f"files written")
     for item in result.left_out[:SHOWN]:
-        note.print(f"[yellow]left out:[/] {item}", highlight=False)
+        # escaped: series labels like triton-nf4[decode=shfl] are not markup
+        note.print(f"[yellow]left out:[/] {escape(item)}", highlight=False)
     if len(result.left_out) > SHOWN:
         note.print(f"... and {len(result.left_out) - SHOWN} more left out: see summary.md")
 
@@ -52,20 +55,28 @@ def _scenario_key(label: str) -> str:
     return f"decode_b{words[-1]}" if words[0] == "decode" else f"prefill_{words[1]}"
 
 
+def _bounded(key: str, label: str, show: Callable[[Any], str]) -> Callable[[dict], str]:
+    """A cell that reads '≤ x' where the row's figure in scenario ``label`` is an upper bound."""
+    return lambda r: ("≤ " if label in r.get("upper_bound", ()) else "") + show(r.get(key))
+
+
 def per_token_rows(analyses: list) -> Rows:
     """All linears per token in each scenario, per path, and its ratio to bf16: energy where
     the run measured it, else time (the report's first table)."""
     from dqprof.analysis import fmt
-    from dqprof.analysis.breakdown import SCENARIOS, totals
+    from dqprof.analysis.breakdown import SCENARIOS, totals, upper_bounds
     from dqprof.analysis.frame import reference_of
 
     records = []
     for a in analyses:
         metric = a.metrics[-1]
         tabs = {sc: totals(rows) for sc, rows in a.per_token[metric].items()}
+        bounds = {sc: upper_bounds(rows) for sc, rows in a.per_token[metric].items()}
         refs = reference_of(a.points)
         for s in a.series:
-            r = {"run": a.run.label, "path": s, "metric": metric}
+            # scenarios whose total is an upper bound (a layer's window idled: see summary.md)
+            r = {"run": a.run.label, "path": s, "metric": metric,
+                 "upper_bound": [sc.label for sc in SCENARIOS if s in bounds.get(sc, {})]}
             for sc in SCENARIOS:
                 t = tabs.get(sc)
                 have = t is not None and not t.empty and s in t.index
@@ -90,13 +101,13 @@ def per_token_rows(analyses: list) -> Rows:
     for sc in SCENARIOS:
         key, short = _scenario_key(sc.label), sc.label.replace("decode, batch ", "B=")
         short = short.replace("prefill, ", "prefill ").replace(" tokens", "")
-        cols.append(col(f"{key}_vs_bf16", f"{sc.label} ×bf16", fmt=ratio, num=True,
-                        short=f"{short} ×bf16"))
+        cols.append(Col(f"{sc.label} ×bf16", _bounded(f"{key}_vs_bf16", sc.label, ratio),
+                        num=True, short=f"{short} ×bf16"))
     for sc in SCENARIOS:
         key, short = _scenario_key(sc.label), sc.label.replace("decode, batch ", "B=")
         short = short.replace("prefill, ", "prefill ").replace(" tokens", "")
-        cols.append(col(f"{key}_per_token", f"{sc.label} per token", fmt=value, num=True,
-                        short=f"{short} per token", optional=True))
+        cols.append(Col(f"{sc.label} per token", _bounded(f"{key}_per_token", sc.label, value),
+                        num=True, short=f"{short} per token", optional=True))
     word = "energy" if metric == "energy_j" else "time"
     return Rows(list(records[0]) if records else [], records, cols,
                 f"all linear layers per token, {word} against bf16")

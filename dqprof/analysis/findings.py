@@ -12,7 +12,7 @@ from collections.abc import Callable
 import pandas as pd
 
 from dqprof.analysis import fmt
-from dqprof.analysis.breakdown import DECODE, PREFILL, totals
+from dqprof.analysis.breakdown import DECODE, PREFILL, totals, upper_bounds
 from dqprof.analysis.breakeven import vs_reference
 from dqprof.analysis.compute import Analysis
 from dqprof.analysis.frame import NF4, REFERENCE
@@ -75,12 +75,14 @@ def _scenario_finding(a: Analysis, scenario) -> str | None:
     what = "energy" if metric == "energy_j" else "device time"
     text = (f"For {scenario.label}, all linears of {a.run.model} cost {unit(ref)} of {what} "
             f"per token with bf16")
+    bounds = upper_bounds(a.per_token[metric][scenario])
+    le = {s: "at most " if s in bounds else "" for s in rel.index}  # a window idled: see notes
     if NF4 in rel.index:
-        text += f"; {NF4} costs {fmt.ratio(rel[NF4])} that"
+        text += f"; {NF4} costs {le[NF4]}{fmt.ratio(rel[NF4])} that"
     best = rel.idxmin()
     if best != NF4:
         verdict = "the cheapest path" if rel[best] < 1 else "the closest to bf16"
-        text += f", and {best} is {verdict} at {fmt.ratio(rel[best])}"
+        text += f", and {best} is {verdict} at {le[best]}{fmt.ratio(rel[best])}"
     return text + "."
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dqprof.analysis.breakdown import DECODE, PREFILL, Scenario, totals
+from dqprof.analysis.breakdown import DECODE, PREFILL, Scenario, totals, upper_bounds
 from dqprof.analysis.frame import NF4, series_label
 
 FUSED_NF4 = "triton-nf4"
@@ -48,7 +48,7 @@ MODEL_NEEDS = {MODEL_NF4: "`dqprof model run --quant bitsandbytes@<bf16 checkpoi
                "awq_marlin": "`dqprof model run --quant awq_marlin@<AWQ checkpoint>`"}
 TOKEN_SCENARIOS: tuple[Scenario, ...] = (*DECODE, PREFILL[-1])  # the per-token energy's
 COLUMNS = ["nf4", "fused", "best", "best_series", "gap", "path", "format", "path_share",
-           "format_share", "reading", "missing"]
+           "format_share", "reading", "missing", "bound"]
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def split(nf4: float, fused: float, candidates: dict[str, float]) -> dict:
             "path": path, "format": fmt_part,
             "path_share": path / gap if ok else math.nan,
             "format_share": fmt_part / gap if ok else math.nan,
-            "reading": reading(gap, path, fmt_part)}
+            "reading": reading(gap, path, fmt_part), "bound": ""}
 
 
 def _missing(named: Iterable[tuple[str, str]]) -> str:
@@ -161,6 +161,11 @@ def token_splits(per_token: dict[Scenario, pd.DataFrame], roles: Roles,
                     {s: float(tot[s]) for s in roles.int4 if s in tot.index})
         gone = [(s, "no total in this scenario") for s in (roles.nf4, roles.fused)
                 if s not in tot.index]
+        bounded = [s for s in upper_bounds(per_token.get(sc, pd.DataFrame()))
+                   if s in (roles.nf4, roles.fused, row["best_series"])]
+        if bounded:  # a total with an idled window in it bounds the true figure from above
+            row["bound"] = (f"{', '.join(bounded)}: an upper bound (a layer's energy window "
+                            f"idled)")
         if not row["best_series"]:
             gone.append(("fused int4", "no path with a total in this scenario"))
         rows.append({"scenario": sc, "label": sc.label, **row, "missing": _missing(gone)})

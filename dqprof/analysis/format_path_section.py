@@ -52,6 +52,13 @@ def sentence(row: Mapping, at: str, unit: Callable[[float], str], what: str,
     kind = row["reading"]
     if not kind:
         return None
+    text = _sentence(row, kind, at, unit, what, nf4, fused)
+    bound = row.get("bound") or ""
+    return f"{text[:-1]} ({bound})." if bound else text
+
+
+def _sentence(row: Mapping, kind: str, at: str, unit: Callable[[float], str], what: str,
+              nf4: str, fused: str) -> str:
     best = row["best_series"]
     gap, path, form = row["gap"], row["path"], row["format"]
     p_share, f_share = fmt.pct(row["path_share"]), fmt.pct(row["format_share"])
@@ -91,7 +98,7 @@ def _part(v: float, share: float, unit: Callable[[float], str]) -> str:
 def _reading(r) -> str:
     if r.missing:
         return "missing: " + r.missing
-    return READING.get(r.reading, "")
+    return "; ".join(t for t in (READING.get(r.reading, ""), getattr(r, "bound", "")) if t)
 
 
 def _cells(r, unit: Callable[[float], str]) -> list[str]:

@@ -25,6 +25,8 @@ KEY = ["layer", "m", "backend", "variant"]  # what runs are aligned on
 # energy flags that make a figure unusable (kept: "few counter ticks", noted instead)
 # "gpu idle": idle gaps inside the window would be charged to the calls
 BAD_ENERGY = ("zero", "implausible", "gpu idle")
+# a window whose GPU idled charged that idle to its calls: its J/call bounds the truth from above
+BOUND_ENERGY = "gpu idle"
 
 
 def default_profile() -> Path:
@@ -120,6 +122,8 @@ def points_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             "energy_j": math.nan if bad else _num(dig(r, "energy", "j_per_call")),
             "energy_above_idle_j": math.nan if bad else _num(dig(r, "energy",
                                                                   "j_per_call_above_idle")),
+            "energy_bound_j": (_num(dig(r, "energy", "j_per_call"))
+                               if bad and str(flag).startswith(BOUND_ENERGY) else math.nan),
             "energy_flag": flag, "power_w": _num(dig(r, "energy", "power_w")),
             "bytes": _num(dig(r, "traffic", "total")),
             "weight_bytes": _num(dig(r, "traffic", "weight")),

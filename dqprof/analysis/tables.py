@@ -7,7 +7,7 @@ import math
 import pandas as pd
 
 from dqprof.analysis import fmt
-from dqprof.analysis.breakdown import DECODE, PREFILL, SCENARIOS, totals
+from dqprof.analysis.breakdown import DECODE, PREFILL, SCENARIOS, totals, upper_bounds
 from dqprof.analysis.compute import Analysis
 from dqprof.analysis.doc import Table
 from dqprof.analysis.energy import ALL_CATEGORIES
@@ -20,6 +20,7 @@ HEADLINE = (DECODE[0], DECODE[-1], PREFILL[-1])  # decode batch 1 and 64, prefil
 def per_token(a: Analysis, metric: str) -> Table:
     """Series x scenario: all linears per token, with the ratio to bf16."""
     tabs = {sc: totals(rows) for sc, rows in a.per_token[metric].items()}
+    bounds = {sc: upper_bounds(rows) for sc, rows in a.per_token[metric].items()}
     series = [s for s in a.series if any(s in t.index for t in tabs.values() if not t.empty)]
     refs = reference_of(a.points)
     rows = []
@@ -32,7 +33,8 @@ def per_token(a: Analysis, metric: str) -> Table:
                 continue
             v = t.loc[s, "total"]
             ref = t.loc[refs[s], "total"] if refs[s] in t.index else math.nan
-            cells.append(f"{UNIT[metric](v)} ({fmt.ratio(v / ref)})")
+            le = "≤ " if s in bounds.get(sc, {}) else ""  # a layer's window idled: see notes
+            cells.append(f"{le}{UNIT[metric](v)} ({le}{fmt.ratio(v / ref)})")
         rows.append(cells)
     return Table(["path"] + [sc.label for sc in SCENARIOS], rows)
 
@@ -49,6 +51,9 @@ def per_token_notes(a: Analysis, metric: str) -> list[str]:
             notes.append(f"{sc.label}: " + "; ".join(hows))
         for r in rows[rows["substituted"]].itertuples():
             subst.setdefault(f"{r.layer}: {r.note}", set()).add(r.series)
+        for s, why in upper_bounds(rows).items():
+            notes.append(f"{sc.label}: ≤ for {s}: an upper bound, the window of " + "; ".join(why)
+                         + ", so its idle time was charged to the calls")
     for what, series in subst.items():
         notes.append(f"{what}, for {', '.join(sorted(series))}")
     return notes
@@ -66,10 +71,12 @@ def per_layer(a: Analysis, metric: str, scenario) -> Table:
         for s in series:
             r = g[g["series"] == s]
             mark = " (bf16)" if len(r) and r["substituted"].iloc[0] else ""
+            mark += " (≤)" if len(r) and r["upper_bound"].iloc[0] else ""
             cells.append(UNIT[metric](r["per_token"].iloc[0]) + mark if len(r) else fmt.DASH)
         out.append(cells)
     return Table(["layer", "M"] + series, out, "(bf16): the path leaves this layer bf16; the "
-                 "bf16 record is used.")
+                 "bf16 record is used. (≤): an upper bound, from an energy window in which the "
+                 "GPU idled.")
 
 
 def _break_even_cell(t: pd.DataFrame, layer: str, series: str) -> str:

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from dqprof.output import FormatOpt, Rows, WideOpt, check_format, col, emit
 
@@ -144,7 +145,7 @@ def run(
                     profile={"enabled": in_situ, "decode_steps": max(1, profile_steps),
                              "prefill_steps": max(1, profile_steps // 2),
                              "keep_traces": keep_traces})
-    runner = Runner(cfg, progress=lambda msg: err_console.print(f"[dim]{msg}[/]"))
+    runner = Runner(cfg, progress=lambda msg: err_console.print(f"[dim]{escape(msg)}[/]"))
     if dry_run:
         points = plan(cfg.workloads, cfg.batches)
         for q, p in quants:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from dqprof.errors import DqprofError
 from dqprof.output import Col, FormatOpt, Rows, WideOpt, check_format, col, emit
@@ -27,7 +28,7 @@ T = TypeVar("T")
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
-    err_console.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -141,7 +142,7 @@ def regress(
               f"(docs/ci.md)")
     report = _guard(lambda: rg.run_regress(baseline, current, gate))
     for w in report.warnings:
-        err_console.print(f"[bold yellow]WARNING:[/] {w}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold yellow]WARNING:[/] {escape(w)}", highlight=False, soft_wrap=True)
     rows = _rows(report, show_all)
     if rows.records or fmt != "table":  # CI logs (no terminal): rows at their whole width
         emit(rows, fmt, console, wide)
@@ -169,6 +170,6 @@ def merge(
 
     result = _guard(lambda: merge_runs(runs, out, force))
     for w in result.warnings:
-        err_console.print(f"[bold yellow]WARNING:[/] {w}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold yellow]WARNING:[/] {escape(w)}", highlight=False, soft_wrap=True)
     dup = f" ({result.duplicates} identical duplicates kept once)" if result.duplicates else ""
     console.print(f"{result.out}: {result.records} records from {len(runs)} runs{dup}")
