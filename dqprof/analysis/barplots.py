@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from dqprof.analysis.breakdown import GROUPS, Scenario
+from dqprof.analysis.breakdown import GROUPS, Scenario, upper_bounds
 from dqprof.analysis.energy import ALL_CATEGORIES
 from dqprof.analysis.frame import REFERENCE
 from dqprof.analysis.plots import UNITS, figure, log_axis, m_ticks, palette
@@ -104,21 +104,27 @@ def per_token(tables: dict[Scenario, pd.DataFrame], metric: str, series: list[st
                     b.set_hatch("..")
             bottoms += np.array(vals)
         totals = dict(zip(names, bottoms, strict=True))
+        bounded = upper_bounds(t)
         for i, s in enumerate(names):
             ref = totals.get((refs or {}).get(s, REFERENCE))
             if ref:
-                ax.text(i, totals[s], f"{totals[s] / ref:.2f}×", ha="center", va="bottom",
-                        fontsize=7)
-        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+                # upright labels collide beyond a few bars: stand them on end there
+                le = "≤" if s in bounded else ""  # a layer's energy window idled
+                ax.text(i, totals[s], f" {le}{totals[s] / ref:.2f}×", ha="center", va="bottom",
+                        fontsize=7, rotation=90 if len(names) > 6 else 0)
+        ax.set_xticks(range(len(names)), names, rotation=30 if len(names) <= 6 else 60,
+                      ha="right", rotation_mode="anchor", fontsize=8)
         ax.set_title(sc.label, fontsize=9)
-        ax.margins(y=0.1)  # room for the ratio labels
+        ax.margins(y=0.18 if len(names) > 6 else 0.1)  # room for the ratio labels
         ax.grid(True, axis="y", alpha=0.3)
         ax.set_ylabel(f"{label} ({unit}/token)")
     handles = [Patch(color=GROUP_COLOURS.get(g, "#999999"), label=g) for g in groups_seen]
     handles.append(Patch(facecolor="white", edgecolor="black", hatch="..",
                          label="bf16 record (layer stays bf16)"))
     fig.legend(handles=handles, loc="outside right upper", fontsize=8)
-    fig.suptitle(f"linears, {label} by layer group (labels: × bf16)", fontsize=10)
+    fig.suptitle(f"linears, {label} by layer group (labels: × bf16; ≤: an upper bound, a "
+                 f"layer's energy window idled)" if any(upper_bounds(t) for t in tables.values())
+                 else f"linears, {label} by layer group (labels: × bf16)", fontsize=10)
     return fig
 
 
