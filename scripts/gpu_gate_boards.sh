@@ -4,8 +4,9 @@
 #  2. smoke-b gated against smoke-a (same board: absolute energy; must pass);
 #  3. the --gpus 0 records against the plain ones (same keys, statuses, board);
 #  4. the committed baseline (board unknown) against smoke-a (normalized energy; must pass);
-#  5. the slowed Triton kernel of scripts/gpu_gate_demo.sh, with bf16 beside it so its energy is
-#     calibrated, against smoke-a and against the committed baseline (must fail, six points).
+#  5. a slowed triton-nf4 (a worse tuned table: scripts/slow_nf4_table.py), with bf16 beside it
+#     so its energy is calibrated, against smoke-a and the committed baseline (must fail at
+#     M = 1 and 16 on the three shapes: the table's buckets).
 # Run folders go to $GATE (default /tmp/gate-boards), then one archive $OUT/gate-boards.tar.gz.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -33,14 +34,14 @@ PY
 python3 -m dqprof regress --baseline bench/baselines/h200.jsonl --current "$G/smoke-a" \
   --summary "$G/committed-summary.md" --junit "$G/committed-junit.xml" 2>&1 | tail -6
 echo "committed baseline vs this board: exit ${PIPESTATUS[0]}"
-k=dqprof/kernels/triton_nf4.py
-cp $k /tmp/triton_nf4.py.orig
-sed -i -e 's/bm, bk, stages = 16, 128, 4/bm, bk, stages = 16, 32, 1/' \
-       -e 's/bn = 128 if m > 8 or _cdiv(n, 128) >= target else 64/bn = 16/' $k
-python3 -m dqprof bench --suite $SUITE --backends bf16,triton-nf4 -o "$G/smoke-slow" \
-  2> "$G/smoke-slow.err" | tail -1
-cp /tmp/triton_nf4.py.orig $k
-git diff --stat -- $k
+# the slowed kernel: every tuned bucket at its tune's median candidate, not its best
+# (correct, ~1.6-4x slower at M <= 16; scripts/slow_nf4_table.py)
+cat profiles/h200/session7/nf4-tune.log.jsonl profiles/h200/session8/nf4-tune.log.jsonl \
+  > "$G/tune-logs.jsonl"
+python3 scripts/slow_nf4_table.py "$G/tune-logs.jsonl" "$G/slow-h200.json" > "$G/slow-h200.txt"
+head -1 "$G/slow-h200.txt"
+DQPROF_NF4_CONFIG="$G/slow-h200.json" python3 -m dqprof bench --suite $SUITE \
+  --backends bf16,triton-nf4 -o "$G/smoke-slow" 2> "$G/smoke-slow.err" | tail -1
 python3 -m dqprof regress --baseline "$G/smoke-a" --current "$G/smoke-slow" \
   --summary "$G/slow-summary.md" --junit "$G/slow-junit.xml" 2>&1 | tail -3
 echo "slow gate (same board) exit ${PIPESTATUS[0]}"
