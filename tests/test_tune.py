@@ -1,7 +1,9 @@
 """`dqprof tune`: the candidates it times and its bad input (the timing itself needs a GPU)."""
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -87,3 +89,30 @@ def test_a_partial_tune_keeps_the_rest_of_the_table() -> None:
     assert out["kept"]["entries"] == 2
     assert merge(new, {**old, "gpu": "NVIDIA H100"}) is new  # another GPU's: not mixed in
     assert merge(new, None) is new
+
+
+def test_the_gate_demos_slowed_table_is_valid_and_slower() -> None:
+    """scripts/slow_nf4_table.py (the gate demo's regression): each bucket takes a config the
+    committed tune logs timed slower than the bundled best, and the kernel takes it as given."""
+    import importlib.util
+
+    from dqprof.kernels import tuned
+    from dqprof.kernels.triton_nf4 import TritonNf4, tile_config
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("slow", root / "scripts" / "slow_nf4_table.py")
+    slow = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(slow)
+    logs = [json.loads(ln) for s in ("session7", "session8")
+            for ln in (root / "profiles/h200" / s / "nf4-tune.log.jsonl").read_text().split("\n")
+            if ln.strip()]
+    best = json.loads(slow.BUNDLED.read_text())
+    table, said = slow.slowed(best, logs, 0.5)
+    assert len(said) == len(best["entries"])  # the logs cover every bundled bucket
+    for old, new in zip(best["entries"], table["entries"], strict=True):
+        assert new["median_s"] >= old["median_s"] and new["config"] != old["config"]
+    parsed = tuned.parse_table(table, "slow.json")
+    for (n, k), rows in parsed.entries.items():
+        for m_max, _ in rows:
+            cfg = parsed.lookup(m_max, n, k)
+            assert tile_config(m_max, n, k, 132, TritonNf4.options, parsed) == cfg
