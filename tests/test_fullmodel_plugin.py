@@ -200,6 +200,9 @@ def test_quantized_layer_computes_the_nf4_product(fake_vllm) -> None:
     assert cos > 0.99  # NF4 of a normal weight: ~0.995
     y3 = layer(x.view(1, 5, 256))  # leading dims are kept
     assert torch.equal(y3.view(5, 256), y)
+    # the fp32 absmax vLLM's bitsandbytes path reads (its nested statistics undone at load)
+    st = layer.dqprof_nf4_state
+    assert not st.nested and st.absmax.dtype == torch.float32
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,

@@ -61,7 +61,7 @@ KREC = _kernel_records()
 def test_backend_map() -> None:
     assert QUANT_BACKEND == {"bf16": "bf16", "bitsandbytes": "bnb-nf4",
                              "gptq_marlin": "marlin-gptq", "awq_marlin": "marlin-awq",
-                             "dqprof_nf4": "triton-nf4", "fp8": "fp8"}
+                             "dqprof_nf4": "triton-nf4[stats=fp32]", "fp8": "fp8"}
     lm = next(s for s in SHAPES if s.name == "lm_head")
     mlp = next(s for s in SHAPES if s.name == "mlp.down_proj")
     assert backend_for("gptq_marlin", lm) == "bf16"  # the tied head stays bf16
@@ -72,6 +72,22 @@ def test_backend_map() -> None:
     assert backend_for("awq_marlin", lm, "Machete") == "bf16"
     assert backend_for("gptq_marlin", mlp, "Marlin") == "marlin-gptq"
     assert backend_for("bitsandbytes", mlp, "Machete") == "bnb-nf4"
+
+
+def test_a_variant_backend_reads_its_variants_records() -> None:
+    """dqprof_nf4 runs triton-nf4 on fp32 absmax: its prediction takes those records, not the
+    default (nested) triton-nf4's."""
+    from dqprof.fullmodel.reconcile import kernel_figures
+
+    mlp = next(s for s in SHAPES if s.name == "mlp.down_proj")
+    rec = {"status": "ok", "layer": mlp.name, "n": mlp.n, "k": mlp.k, "m": 8,
+           "energy": {"j_per_call": 2.0}, "time": {"median_s": 2e-5}}
+    recs = [{**rec, "backend": "triton-nf4", "variant": ""},
+            {**rec, "backend": "triton-nf4", "variant": "stats=fp32",
+             "energy": {"j_per_call": 1.0}, "time": {"median_s": 1e-5}}]
+    e, t, method, _ = kernel_figures(recs, mlp, backend_for("dqprof_nf4", mlp), 8)
+    assert (e, t, method) == (1.0, 1e-5, "exact")
+    assert kernel_figures(recs, mlp, "triton-nf4", 8)[:2] == (2.0, 2e-5)
 
 
 def test_machete_stands_in_labelled_only_when_the_profile_lacks_it() -> None:

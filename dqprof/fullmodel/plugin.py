@@ -23,7 +23,7 @@ quant_type="nf4")`` (blocks of 64) on each shard and then, at load, dequantizes 
 statistics back to one fp32 absmax per block (``_dequantize_dq``), which is what its kernels
 read. The codes depend only on each block's exact absmax, so ``TritonNf4.prepare`` writes
 bitsandbytes' codes; the statistics are the kernel's own form (its docstring states their
-bytes), NF4 + statistics either way.
+bytes): dqprof_nf4 runs it on fp32 absmax (``STATS``), the bytes bitsandbytes' kernels read.
 
 Fused layers (qkv_proj, gate_up_proj) are quantized as the fused [sum(shards), K] weight and
 run as one kernel launch. A block is 64 consecutive weights of one row (K % 64 == 0), so the
@@ -44,6 +44,11 @@ from typing import Any
 from dqprof.errors import DqprofError
 
 NAME = "dqprof_nf4"
+# the statistics triton-nf4 runs on: one fp32 absmax per block, what vLLM's bitsandbytes path
+# reads once it has undone the nested statistics at load; so dqprof_nf4 moves the same bytes
+# as bitsandbytes and only the path differs (the report's format/path split compares these)
+STATS = "fp32"
+BACKEND = f"triton-nf4[stats={STATS}]"  # the kernel profile's path that predicts it
 TRITON_HINT = 'dqprof_nf4 needs triton: pip install -e ".[gpu]"'
 VLLM_HINT = 'dqprof_nf4 needs vLLM: pip install -e ".[vllm]"'
 KERNEL_LINE = "Using TritonNf4LinearKernel for DqprofNf4LinearMethod"  # parse_linear_kernel
@@ -187,7 +192,7 @@ def _classes() -> tuple[type, type]:
             if self._backend is None:
                 from dqprof.kernels.triton_nf4 import TritonNf4
 
-                self._backend = TritonNf4()
+                self._backend = TritonNf4(stats=STATS)
             return self._backend
 
         def __repr__(self) -> str:

@@ -37,10 +37,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dqprof.analysis.interp import value_at
+from dqprof.fullmodel.plugin import BACKEND as PLUGIN_BACKEND
 from dqprof.models.shapes import LinearShape
 
 QUANT_BACKEND = {"bf16": "bf16", "bitsandbytes": "bnb-nf4", "gptq_marlin": "marlin-gptq",
-                 "awq_marlin": "marlin-awq", "dqprof_nf4": "triton-nf4",
+                 "awq_marlin": "marlin-awq", "dqprof_nf4": PLUGIN_BACKEND,
                  # vLLM's fp8 on sm_90: CUTLASS scaled_mm, per-tensor weights, per-token
                  # dynamic activations (the sweep's fp8 path)
                  "fp8": "fp8"}
@@ -152,7 +153,10 @@ def _interp(points: dict[int, float], m: int) -> tuple[float | None, str, tuple[
 def kernel_figures(records: list[dict[str, Any]], shape: LinearShape, backend: str, m: int,
                    above_idle: bool = False, variant: str = ""
                    ) -> tuple[float | None, float | None, str, tuple[int, ...]]:
-    """(J per call, s per call, method, M values used) of one shape on one backend at M."""
+    """(J per call, s per call, method, M values used) of one shape on one backend at M;
+    ``backend`` may carry its variant as the sweep names it: ``triton-nf4[stats=fp32]``."""
+    if backend.endswith("]") and "[" in backend and not variant:
+        backend, variant = backend[:-1].split("[", 1)
     mine = [r for r in records if r.get("status") == "ok" and r.get("layer") == shape.name
             and r.get("backend") == backend and r.get("variant", "") == variant
             and r.get("n") == shape.n and r.get("k") == shape.k]
