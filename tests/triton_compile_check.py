@@ -42,8 +42,9 @@ GEMMA4_E4B = ((3072, 2560), (2560, 2048), (6144, 2560), (2560, 4096), (20480, 25
 SWEEP_M = tuple(1 << i for i in range(13)) + (600,)
 tl: Any = None  # triton.language, bound by main() (the probe kernel resolves it here)
 # PTX and HELPERS: the inline PTX and the jitted helpers the kernels take by name
-_NEEDED = ("BLOCKSIZE", "TileConfig", "tile_config", "_nf4_gemv_kernel", "_nf4_gemv4_kernel",
-           "_nf4_mma_kernel", "_nf4_splitk_reduce", "PTX", "HELPERS", "MMA_DECODE")
+_NEEDED = ("BLOCKSIZE", "DECODES", "TileConfig", "tile_config", "_nf4_gemv_kernel",
+           "_nf4_gemv4_kernel", "_nf4_mma_kernel", "_nf4_splitk_reduce", "PTX", "HELPERS",
+           "MMA_DECODE")
 
 
 def _stdlib_import(node: ast.Import | ast.ImportFrom) -> bool:
@@ -133,8 +134,9 @@ STATS_PTR = {"nested": "*u8", "fp16": "*fp16", "fp32": "*fp32"}
 LUT_LO, LUT_HI = 0x1234_5640, 0x7F3A
 
 
-def parse_variant(text: str) -> dict[str, Any]:
-    """``"kernel=mma,block_k=64"`` (a backend spec's options) -> the full options dict."""
+def parse_variant(text: str, decodes: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``"kernel=mma,block_k=64"`` (a backend spec's options) -> the full options dict;
+    ``decodes``: the kernel file's DECODES (any decode passes without them)."""
     opts = dict(AUTO)
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
@@ -143,7 +145,7 @@ def parse_variant(text: str) -> dict[str, Any]:
         opts[key] = value if key in STRING_OPTS else int(value)
     if opts["stats"] not in STATS_PTR:
         raise SystemExit(f"unknown triton-nf4 stats {opts['stats']!r}")
-    if opts["decode"] not in ("", "table", "table4", "shfl", "shfl1"):
+    if decodes and opts["decode"] not in ("", *decodes):
         raise SystemExit(f"unknown triton-nf4 decode {opts['decode']!r}")
     return opts
 
@@ -153,7 +155,7 @@ def jobs(ns: dict[str, Any], shapes=GEMMA4_E4B, ms=SWEEP_M, sms: int = 132,
     """The compilations a sweep over variants x shapes x ms triggers: job -> its uses."""
     out: dict[Job, list[tuple[Any, ...]]] = {}
     for variant, (n, k), m in itertools.product(variants, shapes, ms):
-        opts = parse_variant(variant)
+        opts = parse_variant(variant, ns["DECODES"])
         nested = opts["stats"] == "nested"
         cfg = ns["tile_config"](m, n, k, sms, opts)
         # GEMV v4 (_nf4_gemv4_kernel) for the decodes other than v3's table
