@@ -33,10 +33,12 @@ def candidates(m: int, n: int, k: int, sms: int,
     and depth around the heuristic's, split-K halved and doubled, and at M <= 16 both kernels:
     each GEMV decode in ``decodes`` (v3's at M <= 4 only: beyond, it compiled to more
     instructions per weight than the MMA needs; v4's in row groups of up to 4 rows), and
-    beyond M = 4 every MMA tile with each of its shuffle decodes asked for too."""
+    beyond M = 4 every MMA tile with each of its other decodes asked for too (shfl, shfl1,
+    direct)."""
     from dqprof.kernels.triton_nf4 import (
         AUTO_DECODE,
         GEMV_MAX_M,
+        MMA_ONLY_DECODES,
         TileConfig,
         _divisor_block_k,
         auto_decode,
@@ -44,7 +46,7 @@ def candidates(m: int, n: int, k: int, sms: int,
     )
 
     # the heuristic first: what an untuned call runs (its decode, where it is searched)
-    gemv = [d for d in decodes if d != "shfl1"] or ["table"]
+    gemv = [d for d in decodes if d not in MMA_ONLY_DECODES] or ["table"]
     base = heuristic_config(m, n, k, sms, decode=auto_decode(m) if auto_decode(m) in gemv
                             else gemv[0])
     out = [base]
@@ -65,7 +67,7 @@ def candidates(m: int, n: int, k: int, sms: int,
 
     if m <= GEMV_MAX_M:
         for d in decodes:  # at two depths: 256 lets split-K fill the SMs where K / 512 is odd
-            if d == "shfl1":  # the MMA's only
+            if d in MMA_ONLY_DECODES:
                 continue
             depths = tuple(sorted({_divisor_block_k(k, 256), _divisor_block_k(k, 512)}))
             if d == "table" and m <= 4:
@@ -86,7 +88,8 @@ def candidates(m: int, n: int, k: int, sms: int,
         out.append(replace(base, block_n=64, num_warps=4))
     if m > 4:  # the MMA's shuffle decodes beside its table gather
         mma = [c for c in out if c.kernel == "mma"]
-        out.extend(replace(c, decode=d) for d in ("shfl", "shfl1") if d in decodes for c in mma)
+        out.extend(replace(c, decode=d) for d in ("shfl", *MMA_ONLY_DECODES) if d in decodes
+                   for c in mma)
     seen, unique = set(), []
     for c in out:
         if c not in seen:

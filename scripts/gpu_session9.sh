@@ -11,10 +11,12 @@
 # - the bundle is 4 parts of 45 MB (the tree is ~14 MB; a call carries 64 MiB):
 #     cat .gpu-deps/part_* > /tmp/b && rm .gpu-deps/part_* && split -b 45M -d /tmp/b .gpu-deps/part_
 # Steps, one per call, back to back (a warm machine is given back after 30 s idle):
-#   a      (carry part_00): the full-size bf16 and gptq checkpoints (synth, ~40 s); ncu on the
-#          MMA (gate_up at M = 4096 and 16, its three decodes; ~2 min; skipped if ncu cannot
-#          read the counters there). No retune: dqprof_nf4 runs the bundled table, the one
-#          profiles/h200/kernels.jsonl was swept with, so in-situ and kernel figures match
+#   a      (carry part_00): the full-size bf16 and gptq checkpoints (synth, ~40 s); the MMA's
+#          new decode=direct: its GPU tests, then an A/B of the MMA decodes with bf16 in one
+#          run (90 points, ~1.5 min); ncu on the MMA (gate_up at M = 4096 and 16: table, shfl,
+#          direct; ~2 min; skipped if ncu cannot read the counters there). No retune:
+#          dqprof_nf4 runs the bundled table, the one profiles/h200/kernels.jsonl was swept
+#          with, so the in-situ and kernel figures match
 #   carry  (carry part_01, then part_02): nothing but the part
 #   model  (carry part_03 + unpack.sh first time): the matrix, one quantization at a time in
 #          QUANTS order, resumed; a quantization starts only with MIN_Q_S left in the call, so
@@ -24,7 +26,8 @@
 #   [STEP_S=570] [QUANTS=dqprof_nf4,bf16,fp8,bitsandbytes,gptq_marlin] bash scripts/gpu_session9.sh a|carry|model
 # Then: profiles/h200/model.jsonl gets the new points (commands beside them), the report and
 # README's full-model table are regenerated; the ncu CSVs go to docs/triton-nf4.md's analysis.
-# At most 8 files come back a call: model-<quant>.log (<= 5), model-run.tar.gz, ncu.tar.gz.
+# At most 8 files come back a call: a gives synth.log, nf4-direct-tests.txt, mma-ab.log,
+# mma-ab.tar.gz, ncu.tar.gz; model gives model-<quant>.log (one or two) and model-run.tar.gz.
 set -uo pipefail
 export PYTHONPATH=${GPU_SITE:-/tmp/gpu-site}:$PWD PYTHONUNBUFFERED=1 VLLM_ENABLE_V1_MULTIPROCESSING=0
 T0=$(date +%s)
@@ -32,6 +35,8 @@ STEP_S=${STEP_S:-570}
 (( STEP_S > 575 )) && STEP_S=575  # the call's limit is 600 s: leave room to pack up
 QUANTS=${QUANTS:-dqprof_nf4,bf16,fp8,bitsandbytes,gptq_marlin}
 MIN_Q_S=${MIN_Q_S:-330}  # an engine start plus 8 points, measured ~295-310 s in session 2
+# the MMA decodes side by side in one run (bf16 beside them: the ratio's other half)
+MMA_AB="bf16,triton-nf4,triton-nf4[decode=shfl],triton-nf4[decode=direct],triton-nf4[stats=fp32],triton-nf4[decode=direct,stats=fp32]"
 CKPTS=/tmp/dqprof-ckpt
 RUN=runs/model
 mkdir -p /opt/gpu-stage "$RUN"
@@ -52,10 +57,19 @@ a)
       gemma-4-e4b --format $fmt -o "$CKPTS/g4-$fmt" --force --device cuda >> "$OUT/synth.log" 2>&1
     echo "synth $fmt rc=$? $(( $(date +%s) - t0 )) s"
   done
+  # the MMA's decode=direct (new, static counts only so far): its GPU tests, then timed
+  timeout 150 python3 -m pytest -q -m gpu tests/test_triton_nf4.py -k direct -p no:cacheprovider \
+    > "$OUT/nf4-direct-tests.txt" 2>&1
+  echo "direct gpu tests rc=$?"; tail -n 2 "$OUT/nf4-direct-tests.txt"
+  timeout 200 python3 -m dqprof bench --backends "$MMA_AB" --m 16,64,256,1024,4096 \
+    --shapes mlp.gate_up_proj,mlp.down_proj,full.qkv_proj --energy-precision 2% \
+    -o runs/mma-ab > "$OUT/mma-ab.log" 2>&1
+  echo "mma a/b rc=$?"; tail -n 1 "$OUT/mma-ab.log"
+  tar -C runs -czf "$OUT/mma-ab.tar.gz" mma-ab
   mkdir -p "$OUT/ncu"
   ok=1
   for spec in "mlp.gate_up_proj 4096" "mlp.gate_up_proj 16"; do
-    for decode in table shfl shfl1; do
+    for decode in table shfl direct; do
       (( ok )) || break
       f="$OUT/ncu/${spec// /-m}-$decode.csv"
       timeout 90 ncu --clock-control none -k regex:_nf4_mma --launch-skip 2 --launch-count 1 \

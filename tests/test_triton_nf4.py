@@ -83,6 +83,10 @@ CASES: list[tuple[str, int, int, int]] = [
     ("triton-nf4[kernel=mma,decode=shfl]", 96, 256, 5),  # BLOCK_M 16, N tail
     ("triton-nf4[decode=shfl,block_m=128]", 64, 256, 80),  # the prefill tile, masked M and N
     ("triton-nf4[kernel=mma,decode=shfl1]", 64, 512, 5),  # a shuffle per nibble, split K tiles
+    # the MMA's direct decode (each weight loads its own word and absmax)
+    ("triton-nf4[kernel=mma,decode=direct]", 96, 256, 5),  # N tail: clamped rows, not stored
+    ("triton-nf4[decode=direct,block_m=128]", 64, 256, 80),  # the prefill tile, masked M
+    ("triton-nf4[kernel=mma,decode=direct,split_k=2]", 64, 512, 17),  # split K, 2 M tiles
 ]
 STATS_FORMS = ("nested", "fp16")
 # x = identity: each output is one dequantized weight, bf16(w) exactly through either kernel
@@ -96,6 +100,8 @@ EXACT_CASES: list[tuple[str, int, int]] = [
     ("triton-nf4[kernel=gemv,decode=shfl,stats=fp16]", 64, 128),
     ("triton-nf4[kernel=mma,decode=shfl]", 64, 128),
     ("triton-nf4[kernel=mma,decode=shfl1]", 64, 128),
+    ("triton-nf4[kernel=mma,decode=direct]", 64, 128),
+    ("triton-nf4[kernel=mma,decode=direct,stats=fp16]", 64, 128),
 ]
 # the GEMV takes M <= 16 (v4: 4): the identity goes through it 8 (4) rows at a time
 GEMV_ROWS = 8
@@ -574,7 +580,8 @@ def test_cpu_without_interpreter_says_why() -> None:
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 GPU_SPECS = ("triton-nf4", "triton-nf4[stats=fp16]", "triton-nf4[kernel=mma]",
              "triton-nf4[decode=shfl]", "triton-nf4[decode=shfl,stats=fp16]",
-             "triton-nf4[decode=table4]", "triton-nf4[kernel=mma,decode=shfl1]")
+             "triton-nf4[decode=table4]", "triton-nf4[kernel=mma,decode=shfl1]",
+             "triton-nf4[kernel=mma,decode=direct]", "triton-nf4[decode=direct,stats=fp32]")
 # the GEMV's decodes (GEMV v3's table, v4's table and shuffle: DECODES), as the GPU runs them
 GPU_DECODES = ("table", "table4", "shfl")
 

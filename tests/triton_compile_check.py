@@ -128,7 +128,7 @@ STRING_OPTS = ("kernel", "stats", "decode")
 # what the sweep and the GPU tests run: the heuristic, tensor cores at every M, plain stats,
 # and the GEMV v4 decodes (the shuffle decode is PTX only: the interpreter cannot run it)
 VARIANTS = ("", "kernel=mma", "stats=fp16", "decode=shfl", "decode=table4",
-            "decode=shfl,stats=fp16", "kernel=mma,decode=shfl1")
+            "decode=shfl,stats=fp16", "kernel=mma,decode=shfl1", "kernel=mma,decode=direct")
 STATS_PTR = {"nested": "*u8", "fp16": "*fp16", "fp32": "*fp32"}
 # a stand-in for the level table's address words: the low word is 64-byte aligned
 LUT_LO, LUT_HI = 0x1234_5640, 0x7F3A

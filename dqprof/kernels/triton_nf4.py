@@ -75,11 +75,15 @@ STATS = ("nested", "fp16", "fp32")
 # the GEMV's decode: "table" is GEMV v3 (_nf4_gemv_kernel: L1 table gathers); GEMV v4
 # (_nf4_gemv4_kernel) with L1 table gathers ("table4") or warp shuffles ("shfl"). See
 # docs/triton-nf4.md for their SASS and times.
-DECODES = ("table", "table4", "shfl", "shfl1")
+DECODES = ("table", "table4", "shfl", "shfl1", "direct")
 # the MMA's: "table" (a gather per nibble from the L1 table; "table4" runs it too), "shfl" (v4's
 # shuffle per word, its 8 levels joined back into k order), "shfl1" (one shuffle per nibble in
-# the gather's own layout; the GEMV runs "shfl" for it)
-MMA_DECODE = {"table": 0, "table4": 0, "shfl": 1, "shfl1": 2}
+# the gather's own layout), "direct" (each weight loads its own word and absmax by PTX and is
+# shuffle-decoded alone: elementwise from the loads to the dot, so the pipeliner does not stage
+# the words through shared memory and the wgmma runs asynchronously; docs/triton-nf4.md).
+# The GEMV runs "shfl" where an MMA-only decode is asked.
+MMA_DECODE = {"table": 0, "table4": 0, "shfl": 1, "shfl1": 2, "direct": 3}
+MMA_ONLY_DECODES = ("shfl1", "direct")
 GEMV4_MAX_M = 4  # v4 holds one accumulator per row of x
 AUTO_DECODE = "shfl"  # the heuristic's decode where v4 takes the rows (M <= GEMV4_MAX_M)
 _PLAIN_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
@@ -94,6 +98,7 @@ _SHFL1: Any = None
 _ABSMAX_NESTED: Any = None
 _ABSMAX_FP16: Any = None
 _ABSMAX_FP32: Any = None
+_LOAD_W: Any = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,6 +239,7 @@ _ABSMAX_NESTED_PTX = ("{ .reg .b32 q; .reg .b64 p; .reg .f32 c, s; ld.global.nc.
                       " ld.global.nc.f32 s, [$3]; mul.rn.f32 c, c, s; add.rn.f32 $0, c, $4; }")
 _ABSMAX_FP16_PTX = "{ .reg .b16 h; ld.global.nc.b16 h, [$1]; cvt.f32.f16 $0, h; }"
 _ABSMAX_FP32_PTX = "ld.global.nc.f32 $0, [$1];"
+_LOAD_W_PTX = "ld.global.nc.b32 $0, [$1];"  # one packed word (decode=direct)
 
 
 def _nf4_decode8_v4(words, lut_ptr, lut_lo, lut_hi, SHFL: tl.constexpr, ASM: tl.constexpr):
@@ -452,6 +458,16 @@ def _nf4_levels_shfl(lut_ptr, codes, lut_lo, lut_hi, ASM: tl.constexpr):
         return tl.load(lut_ptr + codes)
 
 
+def _nf4_load_words(ptrs, ASM: tl.constexpr):
+    """The packed word at each pointer; on the GPU by PTX, which Triton's pipeliner leaves in
+    registers (a tl.load there is staged through shared memory with the x tile)."""
+    if ASM:
+        return tl.inline_asm_elementwise(_LOAD_W, "=r,l", [ptrs], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.load(ptrs)
+
+
 def _nf4_tile_shfl(words, a_w, lut_ptr, lut_lo, lut_hi, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, ASM: tl.constexpr):
     """[BLOCK_N, BLOCK_K] bf16 weights from [BLOCK_N, words] by the shuffle decode: each join
@@ -518,22 +534,37 @@ def _nf4_mma_kernel(
     x_cols = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm  # [1, BLOCK_M]
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    if SHFL == 3:  # rows past N clamped (unmasked loads; their outputs are not stored)
+        k_shift = ((offs_k % 8) // 2) * 8 + (1 - offs_k % 2) * 4
+        rows_c = tl.minimum(offs_n, N - 1).to(tl.int64)
+        w_rows_c = w_ptr + rows_c[:, None] * kw
+        a_rows_c = rows_c[:, None] * kb
     for kt in range(kt_lo, kt_hi):
-        words = tl.load(w_rows + (kt * WPT + offs_w)[None, :], mask=n_mask[:, None], other=0)
-        blk = (kt * BLOCK_K + offs_w * 8) // 64
-        a_w = _nf4_absmax(a_ptr, a2_ptr, code2_ptr, offset, a_rows + blk[None, :],
-                          n_mask[:, None], NESTED)
-        xt = tl.load(x_cols + (kt * BLOCK_K + offs_k)[:, None], mask=m_mask[None, :],
-                     other=0.0)  # [BLOCK_K, BLOCK_M]
-        if SHFL == 1:
-            w = _nf4_tile_shfl(words, a_w, lut_ptr, lut_lo, lut_hi, BLOCK_N, BLOCK_K, ASM)
+        if SHFL == 3:
+            kk = kt * BLOCK_K + offs_k
+            word = _nf4_load_words(w_rows_c + (kk // 8)[None, :], ASM)
+            a_k = _nf4_absmax_rows(a_ptr, a2_ptr, code2_ptr, offset,
+                                   a_rows_c + (kk // 64)[None, :], NESTED, ASM)
+            xt = tl.load(x_cols + kk[:, None], mask=m_mask[None, :], other=0.0)
+            v = _nf4_levels_shfl(lut_ptr, (word >> k_shift[None, :]) & 15, lut_lo, lut_hi, ASM)
+            w = (v * a_k).to(tl.bfloat16)
         else:
-            codes = (words[:, :, None] >> shifts[None, None, :]) & 15
-            if SHFL == 2:
-                v = _nf4_levels_shfl(lut_ptr, codes, lut_lo, lut_hi, ASM)
+            words = tl.load(w_rows + (kt * WPT + offs_w)[None, :], mask=n_mask[:, None],
+                            other=0)
+            blk = (kt * BLOCK_K + offs_w * 8) // 64
+            a_w = _nf4_absmax(a_ptr, a2_ptr, code2_ptr, offset, a_rows + blk[None, :],
+                              n_mask[:, None], NESTED)
+            xt = tl.load(x_cols + (kt * BLOCK_K + offs_k)[:, None], mask=m_mask[None, :],
+                         other=0.0)  # [BLOCK_K, BLOCK_M]
+            if SHFL == 1:
+                w = _nf4_tile_shfl(words, a_w, lut_ptr, lut_lo, lut_hi, BLOCK_N, BLOCK_K, ASM)
             else:
-                v = _nf4_levels(lut_ptr, codes, ASM)
-            w = tl.reshape(v * a_w[:, :, None], (BLOCK_N, BLOCK_K)).to(tl.bfloat16)
+                codes = (words[:, :, None] >> shifts[None, None, :]) & 15
+                if SHFL == 2:
+                    v = _nf4_levels_shfl(lut_ptr, codes, lut_lo, lut_hi, ASM)
+                else:
+                    v = _nf4_levels(lut_ptr, codes, ASM)
+                w = tl.reshape(v * a_w[:, :, None], (BLOCK_N, BLOCK_K)).to(tl.bfloat16)
         acc = tl.dot(w, xt, acc)
 
     out = (out_ptr + pid_k.to(tl.int64) * stride_os + offs_m.to(tl.int64)[None, :] * stride_om
@@ -563,10 +594,10 @@ _SHFL1_PTX = ("{ .reg .b32 l; .reg .b64 a; .reg .f32 t; mov.u32 l, %laneid; and.
               " shfl.sync.idx.b32 $0, t, $1, 31, -1; }")
 PTX = {"_DECODE8": _DECODE8_PTX, "_LOAD_X8": _LOAD_X8_PTX, "_SHFL8": _SHFL8_PTX,
        "_SHFL1": _SHFL1_PTX, "_ABSMAX_NESTED": _ABSMAX_NESTED_PTX, "_ABSMAX_FP16": _ABSMAX_FP16_PTX,
-       "_ABSMAX_FP32": _ABSMAX_FP32_PTX}
+       "_ABSMAX_FP32": _ABSMAX_FP32_PTX, "_LOAD_W": _LOAD_W_PTX}
 HELPERS = (_nf4_absmax, _nf4_absmax_rows, _nf4_levels, _nf4_decode8, _nf4_load_x8,
            _nf4_word_dot, _nf4_decode8_v4, _nf4_word_fma, _nf4_word_rows, _nf4_tile_shfl,
-           _nf4_levels_shfl)
+           _nf4_levels_shfl, _nf4_load_words)
 
 
 @functools.cache
@@ -613,7 +644,7 @@ class TileConfig:
     num_warps: int
     num_stages: int
     group_n: int = 8
-    decode: str = "table"  # the GEMV's: table, table4, shfl; the MMA's: table, shfl, shfl1
+    decode: str = "table"  # the GEMV's: table, table4, shfl; the MMA's: table, shfl, shfl1, direct
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -684,7 +715,7 @@ def tile_config(m: int, n: int, k: int, sms: int, opts: dict[str, Any],
     """The config of one call: forced options > tuned table > heuristic. A forced decode
     other than the table entry's takes that decode's heuristic tiles (as a forced kernel does)."""
     asked = opts.get("decode") or ""
-    decode = {"shfl1": "shfl"}.get(asked, asked)  # the GEMV's
+    decode = "shfl" if asked in MMA_ONLY_DECODES else asked  # the GEMV's
     cfg = (table.lookup(m, n, k) if table is not None else None) or heuristic_config(
         m, n, k, sms, decode=decode)
     if cfg.kernel == "gemv" and decode and decode != cfg.decode:
