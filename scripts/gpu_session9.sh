@@ -27,7 +27,8 @@
 # Then: profiles/h200/model.jsonl gets the new points (commands beside them), the report and
 # README's full-model table are regenerated; the ncu CSVs go to docs/triton-nf4.md's analysis.
 # At most 8 files come back a call: a gives synth.log, nf4-direct-tests.txt, mma-ab.log,
-# mma-ab.tar.gz, ncu.tar.gz; model gives model-<quant>.log (one or two) and model-run.tar.gz.
+# mma-ab.tar.gz, ncu.tar.gz; model gives model-<quant>.log (one or two), model-run.tar.gz and,
+# the first time, nf4-bnb-tests.txt (the bitsandbytes-equivalence GPU tests, never run yet).
 set -uo pipefail
 export PYTHONPATH=${GPU_SITE:-/tmp/gpu-site}:$PWD PYTHONUNBUFFERED=1 VLLM_ENABLE_V1_MULTIPROCESSING=0
 T0=$(date +%s)
@@ -85,6 +86,12 @@ carry)
   ls -la /opt/gpu-stage ;;
 model)
   python3 -c "import vllm; print('vllm', vllm.__version__)" 2>&1 | tail -1
+  if [[ ! -f runs/bnb-tests.done ]]; then  # once, now that bitsandbytes is there (~40 s)
+    timeout 120 python3 -m pytest -q -m gpu tests/test_triton_nf4.py -k bitsandbytes \
+      -p no:cacheprovider > "$OUT/nf4-bnb-tests.txt" 2>&1
+    echo "bitsandbytes-equivalence gpu tests rc=$?"; tail -n 2 "$OUT/nf4-bnb-tests.txt"
+    touch runs/bnb-tests.done
+  fi
   for q in ${QUANTS//,/ }; do
     done_pts=$(python3 - "$RUN" "$q" <<'PY'
 import sys
