@@ -5,13 +5,15 @@ The fixture is shaped like torch.profiler's Chrome trace: two decode forward pas
 graph launch each) of a 2-layer Gemma 4 (a sliding and a full layer) under bitsandbytes, with
 kernel names as vLLM 0.20.2, torch, cuBLAS and bitsandbytes give them; every kernel is
 followed by 1 us of idle, steps by 20 us more. Per forward pass: 65 kernels, 214.5 us of
-kernel time, 150 us of it in the 14 linear calls.
+kernel time, 150 us of it in the 14 linear calls. The recorded traces (bf16 in vLLM on the
+H200, ``profiles/h200/session9/traces-bf16.tar.gz``) check the compiled graph's order.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import tarfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -210,3 +212,74 @@ def test_call_ending_inside_the_window_keeps_what_was_profiled(sites: list) -> N
             eng.step()
     assert tap.profiled == 2 and log == ["sync", "start", "sync", "stop"]
     assert not math.isnan(tap.host_s)
+
+
+# --- recorded traces: bf16 in vLLM 0.20.2 on the H200 (torch.compile + CUDA graphs) ---
+RECORDED = (Path(__file__).parents[1] / "profiles" / "h200" / "session9"
+            / "traces-bf16.tar.gz")
+
+
+def _recorded(name: str) -> dict:
+    with tarfile.open(RECORDED) as tar:
+        return json.load(tar.extractfile(f"traces/{name}"))
+
+
+@pytest.fixture(scope="module")
+def full_sites() -> list:
+    return linear_sites(load_config("gemma-4-e4b"))
+
+
+def test_recorded_decode_step_is_assigned_layer_by_layer(full_sites: list) -> None:
+    p = analyze(_recorded("bf16-decode-b1-decode.json"), full_sites, "decode", 8, 0.0)
+    assert p.status == "ok" and p.steps == 8 and p.graph_launches == 8
+    # 253 runs a pass: qkv_proj of layer 0 and per_layer_model_projection run back to back
+    assert "8 forward passes x 253" in p.assignment and "split by kernel" in p.assignment
+    assert set(p.linear_by_layer) == {s.name for s in full_sites}
+    assert UNASSIGNED not in p.linear_by_group
+    assert sum(p.linear_by_layer.values()) == pytest.approx(p.linear_s)
+    # the pair's longer GEMM is the projection (10752 x 2560) against one qkv (3072 x 2560)
+    runs = linear_runs(kernels_from_trace(_recorded("bf16-decode-b1-decode.json"))[0])
+    assert len(runs) == 8 * (len(full_sites) - 1) and len(runs[0]) == 2
+    assert p.named_fraction >= 0.95
+    assert {"attention", "norm/elementwise", "sampling", "gather"} <= set(p.categories)
+
+
+def test_recorded_prefill_step_splits_the_pair_across_a_memset(full_sites: list) -> None:
+    trace = _recorded("bf16-prefill-b128-prefill.json")
+    kernels, _ = kernels_from_trace(trace)
+    first = linear_runs(kernels)[0]
+    assert [kernels[i].category for i in first] == ["gemm", "cast/copy", "gemm"]
+    p = analyze(trace, full_sites, "prefill", 4, 0.0, tokens_in_window=4 * 16384)
+    assert p.status == "ok" and p.steps == 4 and "split by kernel" in p.assignment
+    # prefill is compute-bound: the layers' time follows their FLOPs per pass
+    per_call = {s.name: p.linear_by_layer[s.name] / sum(x.name == s.name for x in full_sites)
+                for s in full_sites}
+    assert per_call["mlp.gate_up_proj"] > per_call["mlp.down_proj"] > \
+        per_call["sliding.qkv_proj"]
+    assert p.tokens_per_step == 16384
+
+
+def test_pair_without_one_lead_per_call_is_split_by_flops(full_sites: list) -> None:
+    events = [{"ph": "X", "cat": "kernel", "name": n, "ts": float(t), "dur": d}
+              for t, (n, d) in enumerate([("triton_red_fused_embedding_0", 0.5),
+                                          ("kgemm_4bit_inference_naive", 3.0),
+                                          ("Memcpy DtoD (Device -> Device)", 0.25),
+                                          ("kgemm_4bit_inference_naive", 3.0),
+                                          ("Memcpy DtoD (Device -> Device)", 0.25),
+                                          ("kgemm_4bit_inference_naive", 3.0),
+                                          ("kgemm_4bit_inference_naive", 9.0)])]
+    events = [{**e, "ts": 100.0 * i} for i, e in enumerate(events)]
+    # sites of a tiny model: the pair, then lm_head, one pass: 2 runs for 3 sites
+    sites = [full_sites[0], full_sites[1], full_sites[-1]]
+    events.append({"ph": "X", "cat": "kernel", "name": "rms_norm_kernel", "ts": 800.0,
+                   "dur": 1.0})
+    events.append({"ph": "X", "cat": "kernel", "name": "nvjet_sm90_tst_lm_head", "ts": 900.0,
+                   "dur": 5.0})
+    p = analyze({"traceEvents": events}, sites, "decode", 1, 0.0)
+    assert "by the two layers' FLOPs, an estimate" in p.assignment
+    big, small = full_sites[0], full_sites[1]
+    f = big.n * big.k / (big.n * big.k + small.n * small.k)
+    pair = 3 * 3.0 + 2 * 0.25 + 9.0
+    assert p.linear_by_layer[big.name] == pytest.approx(f * pair * US)
+    assert p.linear_by_layer[small.name] == pytest.approx((1 - f) * pair * US)
+    assert p.linear_by_layer["lm_head"] == pytest.approx(5.0 * US)

@@ -36,6 +36,7 @@ from dqprof.kernels.nf4 import (
 )
 from dqprof.kernels.triton_nf4 import (
     LUT_BYTES,
+    MMA_ONLY_DECODES,
     Nf4State,
     TileConfig,
     TritonNf4,
@@ -617,8 +618,12 @@ def test_gpu_gemma_shapes(gemma_states: Callable[[str, str], Nf4State], spec: st
     assert y.shape == (m, state.n) and y.dtype == torch.bfloat16
     cfg = b.config(m, state.n, state.k, x.device)
     assert cfg.kernel == ("mma" if "kernel=mma" in spec or m > 8 else "gemv")
-    if cfg.kernel == "gemv" and b.opts["decode"]:  # else the tuned table's or auto_decode's
-        assert cfg.decode == b.opts["decode"]
+    asked = b.opts["decode"]
+    if cfg.kernel == "gemv" and asked:  # else the tuned table's or auto_decode's
+        # an MMA-only decode leaves the GEMV its own (shfl)
+        assert cfg.decode == ("shfl" if asked in MMA_ONLY_DECODES else asked)
+    if cfg.kernel == "mma" and asked:
+        assert cfg.decode == {"table4": "table"}.get(asked, asked)
     assert rel_error(y, b.expected(state, x)) < REL_TOL
 
 

@@ -15,9 +15,15 @@ together with the cast/copy kernels between and right after them (bitsandbytes' 
 shard into the fused output, split-K reductions named as copies); consecutive linear calls of
 Gemma 4 are always separated by a kernel of another kind (norm, attention, activation,
 gather), so one run is one linear call. A window of F forward passes holds F x len(sites)
-runs, and run j is site j mod len(sites). When the count is not such a multiple (a fused or a
-split linear, a path this rule does not know), the linears are still measured, as one
-"unassigned" group, and the record says why.
+runs, and run j is site j mod len(sites). Under torch.compile one exception was seen in every
+trace (H200, profiles/h200/session9/traces-bf16.tar.gz): Inductor schedules two independent
+linears back to back, layer 0's qkv_proj and per_layer_model_projection, so a pass holds one
+run fewer (``adjacent_sites``). That run is split into its calls at its lead kernels (a GEMM or
+dequantize kernel that is not a split-K reduction), the longer call going to the layer with more
+FLOPs; where it has not exactly one lead per call (bitsandbytes runs one GEMV per shard), its
+time is split between the two layers by their FLOPs, and the record says so. When the count is
+neither (a fused or a split linear, a path this rule does not know), the linears are still
+measured, as one "unassigned" group, and the record says why.
 
 Device idle is the window's span (first kernel start to last kernel end) minus the union of
 kernel intervals; the named categories are everything but "other".
@@ -106,6 +112,38 @@ def linear_sites(cfg: ModelConfig) -> list[LinearShape]:
     return sites + [shapes["lm_head"]]
 
 
+def adjacent_sites(sites: list[LinearShape]) -> list[tuple[int, int]]:
+    """Pairs of sites (i, i + 1) that a compiled graph may run back to back, in either order,
+    with no kernel of another kind between them: Gemma 4's per_layer_model_projection and the
+    first layer's qkv_proj (both read the embeddings only)."""
+    if len(sites) > 1 and sites[0].name == "ple.per_layer_model_projection" \
+            and sites[1].name.endswith("qkv_proj"):
+        return [(0, 1)]
+    return []
+
+
+def _leads(run: list[int], kernels: list[Kernel]) -> list[int]:
+    """Positions in ``run`` where a call's own GEMM/dequantize kernel starts (not a reduce)."""
+    return [p for p, i in enumerate(run) if kernels[i].category in LINEAR_CORE
+            and "reduce" not in kernels[i].name.lower()]
+
+
+def _split_pair(run: list[int], kernels: list[Kernel], a: LinearShape, b: LinearShape
+                ) -> tuple[dict[int, list[tuple[LinearShape, float]]], bool]:
+    """One run holding the calls of sites a and b -> each kernel's site shares; True when the
+    split is by kernel, False when by FLOPs."""
+    big, small = (a, b) if a.n * a.k >= b.n * b.k else (b, a)
+    leads = _leads(run, kernels)
+    if len(leads) == 2:
+        first, second = run[:leads[1]], run[leads[1]:]
+        dur = [sum(kernels[i].dur for i in part) for part in (first, second)]
+        long_, short = (first, second) if dur[0] >= dur[1] else (second, first)
+        return ({**{i: [(big, 1.0)] for i in long_}, **{i: [(small, 1.0)] for i in short}},
+                True)
+    fb = big.n * big.k / (big.n * big.k + small.n * small.k)
+    return {i: [(big, fb), (small, 1.0 - fb)] for i in run}, False
+
+
 @dataclass
 class StepProfile:
     """One profiled window: seconds per forward pass (step) by category."""
@@ -182,23 +220,43 @@ def analyze(trace: dict[str, Any], sites: list[LinearShape], phase: str, engine_
                           f"part of the graphs)" if launches else ""))
         return prof
     per_fwd = len(sites)
+    pairs = adjacent_sites(sites)
+    merged = bool(pairs) and (len(runs) % per_fwd != 0 if not prof.cut
+                              else len(_leads(runs[0], kernels)) >= 2)
+    per_pass = per_fwd - 1 if merged else per_fwd
     if prof.cut:  # keep whole forward passes only
-        whole = (len(runs) // per_fwd) * per_fwd
+        whole = (len(runs) // per_pass) * per_pass
         if whole:
             stop = runs[whole][0] if whole < len(runs) else len(kernels)
             kernels, runs = kernels[:stop], runs[:whole]
-            prof.cut += f"; {whole // per_fwd} whole forward passes analysed"
-    in_run = {i: j for j, run in enumerate(runs) for i in run}
-    if len(runs) % per_fwd == 0:
-        steps = len(runs) // per_fwd
+            prof.cut += f"; {whole // per_pass} whole forward passes analysed"
+    # each linear kernel -> [(site, share of its time)]
+    share: dict[int, list[tuple[LinearShape | None, float]]] = {}
+    if len(runs) % per_pass == 0:
+        steps = len(runs) // per_pass
         prof.assignment = (f"by order: {len(runs)} linear calls = {steps} forward passes x "
-                           f"{per_fwd} linear calls of the model")
-        site_of = {j: sites[j % per_fwd] for j in range(len(runs))}
+                           f"{per_pass} linear calls of the model")
+        a = pairs[0][0] if merged else None
+        by_kernel = True
+        for j, run in enumerate(runs):
+            r = j % per_pass
+            if a is not None and r == a:
+                split, ok = _split_pair(run, kernels, sites[a], sites[a + 1])
+                share.update(split)
+                by_kernel &= ok
+                continue
+            site = sites[r + 1 if a is not None and r > a else r]
+            share.update({i: [(site, 1.0)] for i in run})
+        if merged:
+            x, y = sites[pairs[0][0]].name, sites[pairs[0][1]].name
+            prof.assignment += (f" ({x} and {y} run back to back as one: split "
+                                + ("by kernel, the longer call to the layer with more FLOPs)"
+                                   if by_kernel else "by the two layers' FLOPs, an estimate)"))
     else:
         steps = max(1, engine_steps)
         prof.assignment = (f"not by layer: {len(runs)} linear calls are not a multiple of the "
                            f"model's {per_fwd} per forward pass; {steps} engine steps assumed")
-        site_of = {}
+        share = {i: [(None, 1.0)] for run in runs for i in run}
     prof.steps = steps
     cats = {c: 0.0 for c in STEP_CATEGORIES}
     groups: dict[str, float] = {}
@@ -207,17 +265,17 @@ def analyze(trace: dict[str, Any], sites: list[LinearShape], phase: str, engine_
     other: dict[str, float] = {}
     for i, k in enumerate(kernels):
         s = k.dur / 1e6 / steps
-        j = in_run.get(i)
-        if j is None:
+        parts = share.get(i)
+        if parts is None:
             cats[k.category] = cats.get(k.category, 0.0) + s
             if k.category == "other":
                 other[k.name[:160]] = other.get(k.name[:160], 0.0) + s
             continue
-        site = site_of.get(j)
-        g = site.group if site else UNASSIGNED
-        groups[g] = groups.get(g, 0.0) + s
-        if site:
-            layers[site.name] = layers.get(site.name, 0.0) + s
+        for site, f in parts:
+            g = site.group if site else UNASSIGNED
+            groups[g] = groups.get(g, 0.0) + s * f
+            if site:
+                layers[site.name] = layers.get(site.name, 0.0) + s * f
         lin_kernels[k.category] = lin_kernels.get(k.category, 0.0) + s
     span = (max(k.ts + k.dur for k in kernels) - kernels[0].ts) / 1e6
     busy = _union_s(kernels)
