@@ -259,6 +259,7 @@ def test_in_situ_breakdown_per_token_and_its_energy_estimate() -> None:
 
 def test_decode_step_figure_stacks_the_profiled_parts(tmp_path: Path) -> None:
     from dqprof.analysis.fullmodel_section import _in_situ
+    from dqprof.fullmodel.insitu import UNASSIGNED
     from dqprof.fullmodel.plot import plot_decode_steps, step_parts
 
     prof = {"status": "ok", "tokens_per_step": 1.0, "span_s": 8e-3, "idle_s": 0.5e-3,
@@ -267,6 +268,9 @@ def test_decode_step_figure_stacks_the_profiled_parts(tmp_path: Path) -> None:
     parts = step_parts(prof)
     assert parts == pytest.approx({"linear mlp.gate_up": 4e-3, "linear attn.qkv": 2e-3,
                                    "attention": 1e-3, "other": 0.5e-3, "idle": 0.5e-3})
+    # linears the trace could not match to layers keep their own name (not "linear linear")
+    lone = step_parts({**prof, "linear_by_group": {UNASSIGNED: 6e-3}})
+    assert set(lone) == {UNASSIGNED, "attention", "other", "idle"}
     recs = []
     for q in ("bf16", "bitsandbytes"):
         for b in (1, 8):

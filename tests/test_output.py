@@ -87,6 +87,8 @@ def test_reconcile_formats_parse_back(reconcile_80) -> None:
     records = check_formats("model", "reconcile", PROFILE, "--kernels", PROFILE)
     assert records == reconcile_80[1]
     assert {"measured_j_per_token", "explained_fraction", "interp"} <= set(records[0])
+    # the committed run profiles its steps in situ: one document, the in-situ fields joined
+    assert records[0]["in_situ_named_fraction"] >= 0.95
 
 
 def test_narrow_terminal_stacks_rows_with_numbers_whole() -> None:

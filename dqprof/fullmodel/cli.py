@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from dqprof.output import FormatOpt, Rows, WideOpt, check_format, col, emit
+from dqprof.output import Col, FormatOpt, Rows, WideOpt, check_format, col, emit
 
 model_app = typer.Typer(
     help="Full-model runs: random-weight Gemma 4 checkpoints (bf16, GPTQ, AWQ), vLLM energy "
@@ -254,10 +254,34 @@ def reconcile_cmd(
     if as_json:
         print(json.dumps([r.as_dict() for r in rows], indent=1))
         return
-    emit(reconcile_rows(rows, f"linear layers predicted from {kernels} vs measured in "
-                              f"{run_dir}"), fmt, console, wide)
-    if any(r.in_situ for r in rows):
-        emit(in_situ_rows(rows), fmt, console, wide)
+    table = reconcile_rows(rows, f"linear layers predicted from {kernels} vs measured in "
+                                 f"{run_dir}")
+    situ = in_situ_rows(rows) if any(r.in_situ for r in rows) else None
+    if situ is not None and fmt != "table":  # one document: the in-situ columns joined
+        table = joined(table, situ, "in_situ_")
+        situ = None
+    emit(table, fmt, console, wide)
+    if situ is not None:
+        emit(situ, fmt, console, wide)
+
+
+KEY_FIELDS = ("quant", "workload", "batch", "phase")
+
+
+def joined(rows: Rows, extra: Rows, prefix: str) -> Rows:
+    """``rows`` with ``extra``'s fields (prefixed) added to the record of the same key."""
+    by_key = {tuple(e[k] for k in KEY_FIELDS): e for e in extra.records}
+    names = [f for f in extra.fields if f not in KEY_FIELDS]
+    records = [{**r, **{prefix + f: by_key.get(tuple(r[k] for k in KEY_FIELDS), {}).get(f)
+                        for f in names}} for r in rows.records]
+    def unprefixed(c: Col) -> Col:  # the column reads its field under the prefix
+        return replace(c, cell=lambda r: c.cell({k.removeprefix(prefix): v
+                                                 for k, v in r.items()}))
+
+    cols = rows.cols + [unprefixed(c) for c in extra.cols
+                        if c.header not in ("quant", "workload", "B", "phase")]
+    return Rows(rows.fields + [prefix + f for f in names], records, cols, rows.title,
+                rows.notes)
 
 
 def in_situ_rows(rows: list) -> Rows:

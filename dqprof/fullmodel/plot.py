@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from dqprof.fullmodel.insitu import UNASSIGNED
 from dqprof.fullmodel.reconcile import QUANT_BACKEND, reconcile, stand_ins
 from dqprof.models.shapes import LinearShape
 
@@ -84,7 +85,8 @@ def plot_reconciliation(model_records: list[dict[str, Any]],
 def step_parts(profile: dict[str, Any]) -> dict[str, float]:
     """A profiled step's seconds as the figure stacks them: linear groups, attention,
     other (every other category), idle."""
-    parts = {f"linear {g}": v for g, v in (profile.get("linear_by_group") or {}).items()}
+    parts = {g if g == UNASSIGNED else f"linear {g}": v  # UNASSIGNED names itself
+             for g, v in (profile.get("linear_by_group") or {}).items()}
     cats = profile.get("categories") or {}
     parts["attention"] = cats.get("attention", 0.0)
     parts["other"] = sum(v for c, v in cats.items() if c != "attention")
@@ -115,7 +117,7 @@ def plot_decode_steps(model_records: list[dict[str, Any]], workload: str | None 
     parts = [step_parts(r["in_situ"]["decode"]) for r in rows]
     groups = [f"linear {g}" for g in GROUP_ORDER]
     names = [n for n in groups if any(n in p for p in parts)]
-    names += sorted({n for p in parts for n in p if n.startswith("linear ")} - set(names))
+    names += sorted({n for p in parts for n in p if n.startswith("linear")} - set(names))
     names += ["attention", "other", "idle"]
     colors = plt.get_cmap("tab10")
     fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(rows) + 2), 4.8))
