@@ -262,7 +262,9 @@ def tune(
     decodes: Annotated[str, typer.Option(help="Decodes to search (comma separated): table "
                        "(GEMV v3; the MMA's table gather), table4 (GEMV v4, table), shfl "
                        "(GEMV v4, shuffle; the MMA's shuffle per word), shfl1 (the MMA's "
-                       "shuffle per nibble). The GEMV at M <= 16, the MMA beyond M = 4.")]
+                       "shuffle per nibble), direct (the MMA's per-weight loads; not by "
+                       "default: 1.3-3x slower on the H200). The GEMV at M <= 16, the MMA "
+                       "beyond M = 4.")]
     = "table,table4,shfl,shfl1",
 ) -> None:
     """Time triton-nf4's tile candidates on this GPU and write the tuned table it reads.

@@ -50,9 +50,9 @@ nvidia-smi --query-gpu=name,uuid,driver_version,power.limit,temperature.gpu --fo
 git log --oneline -1 2>/dev/null || true
 left() { echo $(( STEP_S - ($(date +%s) - T0) )); }
 
-pack() {  # the run folder holds the vLLM worker logs too (logs/); bf16's traces apart
+pack() {  # the run folder holds the vLLM worker logs too (logs/); the kept traces apart
   [[ -f $RUN/model.jsonl ]] && tar -C runs -czf "$OUT/model-run.tar.gz" --exclude=traces model
-  [[ -d $RUN/logs/traces ]] && tar -C "$RUN/logs" -czf "$OUT/traces-bf16.tar.gz" traces
+  [[ -d $RUN/logs/traces ]] && tar -C "$RUN/logs" -czf "$OUT/traces-${KEEP_TRACES_FOR:-bf16}.tar.gz" traces
 }
 
 case "${1:-}" in
@@ -113,7 +113,7 @@ PY
     (( budget >= MIN_Q_S )) || { echo "$q: ${budget} s left in this call, not started"; break; }
     t0=$(date +%s)
     ckpt=$CKPTS/g4-bf16; [[ $q == gptq_marlin ]] && ckpt=$CKPTS/g4-gptq
-    keep=(); [[ $q == bf16 ]] && keep=(--keep-traces)  # recorded traces for the CPU tests
+    keep=(); [[ $q == "${KEEP_TRACES_FOR:-bf16}" ]] && keep=(--keep-traces)  # for the CPU tests
     python3 -m dqprof model run --quant "$q@$ckpt" --batch 1,8,32,128 --workload decode,prefill \
       --budget "$budget" --timeout "$budget" "${keep[@]}" -o "$RUN" > "$OUT/model-$q.log" 2>&1
     echo "$q rc=$? $(( $(date +%s) - t0 )) s"; tail -n 12 "$OUT/model-$q.log"

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The next session's GPU batch (30 min of device time): the CI gate across boards (issue 13)
+# and the full model with fp8 next to bf16 and gptq_marlin on one board, every point with its
+# in-situ step profile now split by layer group (issue 12).
+# What session 9 taught (scripts/gpu_session9.sh, profiles/h200/session9/):
+# - the machine started in ~1.5 min; six calls back to back held it 27.1 min for 24.9 min of
+#   commands. A vLLM quantization with the in-situ profile costs 5-6 min (import 7 s, engine
+#   start 120-135 s with cold compile caches, dqprof_nf4 249 s; 8 points ~170 s), so a call
+#   holds one.
+# - the machine's copy of .git lags the tree: pass the commit, DQPROF_GIT_COMMIT=<hash>.
+# - the bundle is 4 parts of 45 MB (the tree is ~18 MB; a call carries 64 MiB):
+#     cat .gpu-deps/part_* > /tmp/b && rm .gpu-deps/part_* && split -b 45M -d -a 2 /tmp/b .gpu-deps/part_
+# Steps, one per call, back to back (a warm machine is given back after 30 s idle):
+#   a      (carry part_00): the full-size bf16 and gptq checkpoints (synth, ~40 s), then a
+#          first tune of triton-nf4's large-M buckets (gate_up and down at M = 256 and 4096,
+#          decodes table and shfl; 120 s) into $OUT: never tuned so far; not bundled (the
+#          profile was swept with today's table)
+#   carry  (carry part_01, then part_02): nothing but the part
+#   gate   (carry part_03 + unpack.sh): scripts/gpu_gate_boards.sh (ci-smoke plain and through
+#          --gpus 0, the gate between them, the committed baseline against this board, a
+#          slowed triton-nf4 against both; ~6 min)
+#   model  the matrix, one quantization a call in QUANTS order, resumed (gpu_session9.sh's
+#          model step: same flags, fp8's traces kept); the last call with STEP_S = what status
+#          says is left minus 30 s and a lower MIN_Q_S
+#   DQPROF_GIT_COMMIT=<hash> [STEP_S=570] [MIN_Q_S=330] [QUANTS=fp8,bf16,gptq_marlin,bitsandbytes,dqprof_nf4] bash scripts/gpu_session10.sh a|carry|gate|model
+# Then: profiles/h200/session10/ gets the files with these commands, model.jsonl is replaced
+# only if the new run holds bf16 (ratios within one board); issue 13's note takes the gate.
+set -uo pipefail
+export PYTHONPATH=${GPU_SITE:-/tmp/gpu-site}:$PWD PYTHONUNBUFFERED=1 VLLM_ENABLE_V1_MULTIPROCESSING=0
+T0=$(date +%s)
+STEP_S=${STEP_S:-570}
+(( STEP_S > 575 )) && STEP_S=575  # the call's limit is 600 s: leave room to pack up
+CKPTS=/tmp/dqprof-ckpt
+mkdir -p /opt/gpu-stage
+cp .gpu-deps/part_* /opt/gpu-stage/ 2>/dev/null  # the bundle's parts, one per call
+nvidia-smi --query-gpu=name,uuid,driver_version,power.limit,temperature.gpu --format=csv,noheader
+echo "commit ${DQPROF_GIT_COMMIT:-(not given)}"
+left() { echo $(( STEP_S - ($(date +%s) - T0) )); }
+
+case "${1:-}" in
+a)
+  for fmt in bf16 gptq; do
+    t0=$(date +%s)
+    [[ -f $CKPTS/g4-$fmt/config.json ]] || PYTHONPATH=$PWD python3 -m dqprof model synth \
+      gemma-4-e4b --format $fmt -o "$CKPTS/g4-$fmt" --force --device cuda >> "$OUT/synth.log" 2>&1
+    echo "synth $fmt rc=$? $(( $(date +%s) - t0 )) s"
+  done
+  timeout 120 python3 -m dqprof tune triton-nf4 --shapes mlp.gate_up_proj,mlp.down_proj \
+    --m 256,4096 --decodes table,shfl -o "$OUT/tune-large-m.json" > "$OUT/tune-large-m.txt" 2>&1
+  echo "tune rc=$?"; tail -n 3 "$OUT/tune-large-m.txt" ;;
+carry)
+  ls -la /opt/gpu-stage ;;
+gate)
+  python3 -c "import vllm, bitsandbytes; print('vllm', vllm.__version__, 'bnb', bitsandbytes.__version__)" 2>&1 | tail -1
+  GATE=/tmp/gate-boards bash scripts/gpu_gate_boards.sh 2>&1 | tee "$OUT/gate-boards.log" | tail -n 30
+  mkdir -p runs && touch runs/bnb-tests.done ;;  # session 9 ran them: the model step skips them
+model)
+  QUANTS=${QUANTS:-fp8,bf16,gptq_marlin,bitsandbytes,dqprof_nf4} KEEP_TRACES_FOR=fp8 \
+    STEP_S=$(left) bash scripts/gpu_session9.sh model ;;
+*)
+  echo "usage: bash scripts/gpu_session10.sh a|carry|gate|model" >&2; exit 2 ;;
+esac
+ls -la "$OUT"
