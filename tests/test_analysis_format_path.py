@@ -220,6 +220,19 @@ def test_model_without_dqprof_nf4_gives_the_gap_and_says_what_is_needed():
     assert table.rows[0][6] == fmt.mj(2.4 - 1.5) and table.rows[0][7] == fmt.DASH
 
 
+def test_model_without_int4_still_names_the_path():
+    s = fp.model_splits([_model("bf16", 1, 2.0), _model("bitsandbytes", 1, 2.4),
+                         _model("dqprof_nf4", 1, 1.8), _model("bitsandbytes", 1, 0.02,
+                                                             "prefill"),
+                         _model("dqprof_nf4", 1, 0.03, "prefill")])
+    said = fps.model_text(s)[0].items
+    assert said[0].startswith("In vLLM, decode workload at batch 1, bitsandbytes costs "
+                              f"{fmt.mj(2.4)} per decode token and dqprof_nf4")
+    assert f"path is {fmt.mj(2.4 - 1.8)}, {fmt.pct(0.6 / 2.4)}" in said[0]
+    # a fused kernel slower than bitsandbytes cannot split anything: it says so, no number
+    assert "cannot tell the path from the format" in said[1] and "path is" not in said[1]
+
+
 def test_figure_has_a_panel_per_metric_and_m():
     from dqprof.analysis.figures import format_path_figure
 

@@ -206,6 +206,24 @@ def model_blocks(a: Analysis, level: int) -> list:
     return out + model_text(splits)
 
 
+def _poss(name: str) -> str:
+    return name + ("'" if name.endswith("s") else "'s")
+
+
+def path_sentence(row: Mapping, at: str, what: str, nf4: str, fused: str) -> str | None:
+    """The path part alone, where no fused int4 run gives the gap (None without both NF4s)."""
+    a, b = row["nf4"], row["fused"]
+    if not (math.isfinite(a) and math.isfinite(b)) or a <= 0:
+        return None
+    if b > a:
+        return (f"{at}, {fused} costs {fmt.mj(b)} {what} against {_poss(nf4)} {fmt.mj(a)}: "
+                f"this kernel is slower than {_poss(nf4)} path there, so it cannot tell the "
+                f"path from the format.")
+    return (f"{at}, {nf4} costs {fmt.mj(a)} {what} and {fused}, on the same NF4 bytes, "
+            f"{fmt.mj(b)}: {_poss(nf4)} path is {fmt.mj(a - b)}, {fmt.pct((a - b) / a)} of "
+            f"its figure (no fused int4 run in this file to split the rest).")
+
+
 def model_text(splits: pd.DataFrame) -> list:
     """Sentences, table and what is missing for the full-model split."""
     nf4, fused = fp.MODEL_NF4, fp.MODEL_FUSED
@@ -213,8 +231,9 @@ def model_text(splits: pd.DataFrame) -> list:
     said = []
     for wl, g in splits.groupby("workload", sort=False):
         for r in (g.iloc[0], g.iloc[-1]) if len(g) > 1 else (g.iloc[0],):
-            text = sentence(r, f"In vLLM, {wl} workload at batch {r['batch']}", fmt.mj,
-                            f"per {r['phase']} token", nf4, fused)
+            at = f"In vLLM, {wl} workload at batch {r['batch']}"
+            text = sentence(r, at, fmt.mj, f"per {r['phase']} token", nf4, fused) \
+                or path_sentence(r, at, f"per {r['phase']} token", nf4, fused)
             if text:
                 said.append(text)
     if said:
