@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The next session's GPU batch (30 min of device time): the CI gate across boards (issue 13)
-# and the full model with fp8 next to bf16 and gptq_marlin on one board, every point with its
-# in-situ step profile now split by layer group (issue 12).
+# The next session's GPU batch (30 min of device time): the full model with fp8 next to bf16 on
+# one board, every point with its in-situ step profile now split by layer group, and the
+# full-model GPU tests never run yet (issue 12; issue 11's plugin tests). The gate across boards
+# (issue 13) and the gemlite-int4 sweep (issue 11) are the session after's (`gate` below).
 # What session 9 taught (scripts/gpu_session9.sh, profiles/h200/session9/):
 # - the machine started in ~1.5 min; six calls back to back held it 27.1 min for 24.9 min of
 #   commands. A vLLM quantization with the in-situ profile costs 5-6 min (import 7 s, engine
@@ -11,20 +12,20 @@
 # - the bundle is 4 parts of 45 MB (the tree is ~18 MB; a call carries 64 MiB):
 #     cat .gpu-deps/part_* > /tmp/b && rm .gpu-deps/part_* && split -b 45M -d -a 2 /tmp/b .gpu-deps/part_
 # Steps, one per call, back to back (a warm machine is given back after 30 s idle):
-#   a      (carry part_00): the full-size bf16 and gptq checkpoints (synth, ~40 s), then a
-#          first tune of triton-nf4's large-M buckets (gate_up and down at M = 256 and 4096,
-#          decodes table and shfl; 120 s) into $OUT: never tuned so far; not bundled (the
-#          profile was swept with today's table)
+#   a      (carry part_00): the full-size bf16 and gptq checkpoints (synth, ~40 s)
 #   carry  (carry part_01, then part_02): nothing but the part
-#   gate   (carry part_03 + unpack.sh): scripts/gpu_gate_boards.sh (ci-smoke plain and through
-#          --gpus 0, the gate between them, the committed baseline against this board, a
-#          slowed triton-nf4 against both; ~6 min)
-#   model  the matrix, one quantization a call in QUANTS order, resumed (gpu_session9.sh's
-#          model step: same flags, fp8's traces kept); the last call with STEP_S = what status
-#          says is left minus 30 s and a lower MIN_Q_S
-#   DQPROF_GIT_COMMIT=<hash> [STEP_S=570] [MIN_Q_S=330] [QUANTS=fp8,bf16,gptq_marlin,bitsandbytes,dqprof_nf4] bash scripts/gpu_session10.sh a|carry|gate|model
-# Then: profiles/h200/session10/ gets the files with these commands, model.jsonl is replaced
-# only if the new run holds bf16 (ratios within one board); issue 13's note takes the gate.
+#   tests  (carry part_03 + unpack.sh): tests/test_fullmodel_gpu.py (the 2-layer Gemma 4 in vLLM
+#          under six quantizations, eager; bf16 and dqprof_nf4 compiled with the in-situ
+#          profile; bitsandbytes against dqprof_nf4 logits), as much as 560 s holds
+#   model  the matrix, one quantization a call in QUANTS order (fp8, then bf16: the ratio's
+#          other half), resumed (gpu_session9.sh's model step, fp8's traces kept); the last
+#          call with STEP_S = what status says is left minus 30 s and a lower MIN_Q_S
+#   gate   (the session after, once the bundle is unpacked): scripts/gpu_gate_boards.sh
+#          (ci-smoke plain and through --gpus 0, the gate between them, the committed baseline
+#          against this board, a slowed triton-nf4 against both; ~6 min)
+#   DQPROF_GIT_COMMIT=<hash> [STEP_S=570] [MIN_Q_S=330] [QUANTS=fp8,bf16,gptq_marlin,bitsandbytes,dqprof_nf4] bash scripts/gpu_session10.sh a|carry|tests|model|gate
+# Then: profiles/h200/session10/ gets the files with these commands; model.jsonl becomes the new
+# run only if it holds bf16 (ratios within one board), else the new run stays in session10/.
 set -uo pipefail
 export PYTHONPATH=${GPU_SITE:-/tmp/gpu-site}:$PWD PYTHONUNBUFFERED=1 VLLM_ENABLE_V1_MULTIPROCESSING=0
 T0=$(date +%s)
@@ -44,20 +45,22 @@ a)
     [[ -f $CKPTS/g4-$fmt/config.json ]] || PYTHONPATH=$PWD python3 -m dqprof model synth \
       gemma-4-e4b --format $fmt -o "$CKPTS/g4-$fmt" --force --device cuda >> "$OUT/synth.log" 2>&1
     echo "synth $fmt rc=$? $(( $(date +%s) - t0 )) s"
-  done
-  timeout 120 python3 -m dqprof tune triton-nf4 --shapes mlp.gate_up_proj,mlp.down_proj \
-    --m 256,4096 --decodes table,shfl -o "$OUT/tune-large-m.json" > "$OUT/tune-large-m.txt" 2>&1
-  echo "tune rc=$?"; tail -n 3 "$OUT/tune-large-m.txt" ;;
+  done ;;
 carry)
   ls -la /opt/gpu-stage ;;
+tests)
+  timeout 560 python3 -m pytest -m gpu -q -p no:cacheprovider -rA tests/test_fullmodel_gpu.py \
+    > "$OUT/fullmodel-gpu-tests.txt" 2>&1
+  echo "fullmodel gpu tests rc=$?"; tail -n 5 "$OUT/fullmodel-gpu-tests.txt"
+  mkdir -p runs && touch runs/bnb-tests.done ;;  # session 9 ran them: the model step skips them
 gate)
   python3 -c "import vllm, bitsandbytes; print('vllm', vllm.__version__, 'bnb', bitsandbytes.__version__)" 2>&1 | tail -1
-  GATE=/tmp/gate-boards bash scripts/gpu_gate_boards.sh 2>&1 | tee "$OUT/gate-boards.log" | tail -n 30
-  mkdir -p runs && touch runs/bnb-tests.done ;;  # session 9 ran them: the model step skips them
+  GATE=/tmp/gate-boards bash scripts/gpu_gate_boards.sh 2>&1 | tee "$OUT/gate-boards.log" | tail -n 30 ;;
 model)
+  mkdir -p runs && touch runs/bnb-tests.done  # session 9 ran them
   QUANTS=${QUANTS:-fp8,bf16,gptq_marlin,bitsandbytes,dqprof_nf4} KEEP_TRACES_FOR=fp8 \
     STEP_S=$(left) bash scripts/gpu_session9.sh model ;;
 *)
-  echo "usage: bash scripts/gpu_session10.sh a|carry|gate|model" >&2; exit 2 ;;
+  echo "usage: bash scripts/gpu_session10.sh a|carry|tests|model|gate" >&2; exit 2 ;;
 esac
 ls -la "$OUT"
