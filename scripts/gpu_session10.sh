@@ -46,12 +46,7 @@ left() { echo $(( STEP_S - ($(date +%s) - T0) )); }
 
 case "${1:-}" in
 a)
-  for fmt in bf16 gptq; do
-    t0=$(date +%s)
-    [[ -f $CKPTS/g4-$fmt/config.json ]] || PYTHONPATH=$PWD python3 -m dqprof model synth \
-      gemma-4-e4b --format $fmt -o "$CKPTS/g4-$fmt" --force --device cuda >> "$OUT/synth.log" 2>&1
-    echo "synth $fmt rc=$? $(( $(date +%s) - t0 )) s"
-  done ;;
+  bash scripts/gpu_ckpts.sh bf16 gptq ;;
 ab)
   timeout 150 python3 -m dqprof bench --backends "$SMALL_AB" --m 256,4096 \
     --shapes mlp.gate_up_proj,mlp.down_proj --energy-precision 2% -o runs/mma-small \

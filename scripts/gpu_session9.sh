@@ -57,12 +57,7 @@ pack() {  # the run folder holds the vLLM worker logs too (logs/); the kept trac
 
 case "${1:-}" in
 a)
-  for fmt in bf16 gptq; do
-    t0=$(date +%s)
-    [[ -f $CKPTS/g4-$fmt/config.json ]] || PYTHONPATH=$PWD python3 -m dqprof model synth \
-      gemma-4-e4b --format $fmt -o "$CKPTS/g4-$fmt" --force --device cuda >> "$OUT/synth.log" 2>&1
-    echo "synth $fmt rc=$? $(( $(date +%s) - t0 )) s"
-  done
+  bash scripts/gpu_ckpts.sh bf16 gptq
   # the MMA's decode=direct (new, static counts only so far): its GPU tests
   timeout 100 python3 -m pytest -q -m gpu tests/test_triton_nf4.py -k direct -p no:cacheprovider \
     > "$OUT/nf4-direct-tests.txt" 2>&1
