@@ -274,6 +274,7 @@ def joined(rows: Rows, extra: Rows, prefix: str) -> Rows:
     names = [f for f in extra.fields if f not in KEY_FIELDS]
     records = [{**r, **{prefix + f: by_key.get(tuple(r[k] for k in KEY_FIELDS), {}).get(f)
                         for f in names}} for r in rows.records]
+
     def unprefixed(c: Col) -> Col:  # the column reads its field under the prefix
         return replace(c, cell=lambda r: c.cell({k.removeprefix(prefix): v
                                                  for k, v in r.items()}))
