@@ -11,10 +11,13 @@ normalized within each run by a calibration the same run measured:
   hot/cold variant), bf16 measured on the same board in the same run. Its noise band is the
   root-sum-square of all four records' energy noise.
 - **board factor**: the baseline's energy scaled by the median current/baseline energy ratio
-  of the bf16 points that pair of boards measured (the board power factor; its spread enters
-  the band). Points without a bf16 partner (bf16 itself, bnb-dequant at m=0) are gated on this
-  alone; so are points whose bf16 partner is missing, untrusted or on another board in either
-  run, and each says so in its note and in a warning. Shards (``bench --shard``, ``--gpus``)
+  of the bf16 points that pair of boards measured (the board power factor; the median's error
+  enters the band). Points without a bf16 partner (bf16 itself, bnb-dequant at m=0) are gated on
+  this alone, with the ratios' point-to-point spread in the band too: boards differ by more
+  than one factor (the committed baseline against session 8's board: bf16 from 0.86 to 1.00,
+  robust sigma 6.5 %, so about ±14 % for bf16's own energy across those boards); so are
+  points whose bf16 partner is missing, untrusted or on another board in either run, and each
+  says so in its note and in a warning. Shards (``bench --shard``, ``--gpus``)
   keep every backend of a shape together, so within one sweep bf16 is on the same board.
 
 Where a point has both, it gets an energy verdict only when both agree (each beyond threshold
@@ -89,6 +92,10 @@ class BoardFactor:
     value: float  # median current/baseline energy of the bf16 points of one pair of boards
     noise: float  # relative uncertainty of that median
     points: int
+    # relative spread of one point's ratio about the median (robust sigma): boards differ
+    # point by point, not by one factor (bench/baselines/h200.jsonl against session 8's board:
+    # bf16's ratio 0.86 at down_proj M=16 to 1.00 at sliding.qkv M=2048, sigma 6.5 %)
+    spread: float = 0.0
 
 
 def board_factor(ratios: list[float]) -> BoardFactor:
@@ -96,10 +103,11 @@ def board_factor(ratios: list[float]) -> BoardFactor:
     n = len(ratios)
     if n >= 4:  # the median's standard error, from the quartile spread
         q1, _, q3 = statistics.quantiles(ratios, n=4)
-        noise = 1.25 * (q3 - q1) / 1.35 / med / math.sqrt(n)
+        spread = (q3 - q1) / 1.35 / med
+        noise = 1.25 * spread / math.sqrt(n)
     else:
-        noise = (max(ratios) - min(ratios)) / med
-    return BoardFactor(med, noise, n)
+        spread = noise = (max(ratios) - min(ratios)) / med
+    return BoardFactor(med, noise, n, spread)
 
 
 class CrossBoard:
@@ -143,13 +151,17 @@ class CrossBoard:
         eb, ec = trusted_energy(base), trusted_energy(cur)
         assert eb is not None and ec is not None  # compare_point calls this for such points
         factor = self.factors.get(pair) or self.factors.get(ANY)
+        per_bf16, lacking = self._per_bf16(key)
         by_factor = None
         if factor is not None:
+            # gated by the factor alone (bf16 itself, no partner), a point's own ratio may sit
+            # anywhere in the boards' point-to-point spread; with per bf16 beside it, the two
+            # must agree, and the median's own error is the factor's part of the band
+            alone = factor.spread if per_bf16 is None else 0.0
             by_factor = Change("energy", eb * factor.value, ec,
                                k * math.hypot(energy_noise(base), energy_noise(cur),
-                                              factor.noise),
+                                              factor.noise, alone),
                                self.gate.max_energy_increase, basis="board factor")
-        per_bf16, lacking = self._per_bf16(key)
         notes = [self._absolute_note(eb, ec)]
         if lacking and by_factor is not None:  # said, never a silent fallback
             self.partnerless[lacking] = self.partnerless.get(lacking, 0) + 1
