@@ -28,6 +28,7 @@ from dqprof.measure.categories import STEP_CATEGORIES, SWEEP_CATEGORIES, categor
     ("_nf4_mm_kernel", "gemm"),
     ("kernel_unified_attention_2d", "attention"),
     ("void vllm::reshape_and_cache_flash_kernel<__nv_bfloat16>", "attention"),
+    ("_compute_slot_mapping_kernel", "attention"),  # vLLM 0.20.2's, in every decode step
     ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0", "norm/elementwise"),
     ("triton_poi_fused_gelu_mul_3", "norm/elementwise"),
     ("void at::native::indexSelectLargeIndex<c10::BFloat16, long>", "gather"),

@@ -23,8 +23,9 @@ _RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("dequant", re.compile(r"dequant", re.I)),
     # activation quantization (FP8 paths): vLLM's scaled_fp8_quant / per-token kernels
     ("quantize", re.compile(r"quant|fp8_scale|segmented_max", re.I)),
+    # vLLM's KV-cache bookkeeping (_compute_slot_mapping_kernel: where each token's K/V goes)
     ("attention", re.compile(r"attention|attn|fmha|flash|reshape_and_cache|rotary|paged|"
-                             r"reduce_segments", re.I)),
+                             r"reduce_segments|slot_mapping", re.I)),
     ("gemm", re.compile(r"gemm|gemv|nvjet|xmma|cutlass|marlin|machete|tinygemm|int4pack|"
                         r"matmul|wgmma|splitK|sm\d\d_|ampere_|hopper_|nf4_mm|nf4_gemv|gemlite",
                         re.I)),
