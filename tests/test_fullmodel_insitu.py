@@ -259,6 +259,30 @@ def test_recorded_prefill_step_splits_the_pair_across_a_memset(full_sites: list)
     assert p.tokens_per_step == 16384
 
 
+def _pair_trace(kernels: list[tuple[str, float]]) -> dict:
+    events = [{"ph": "X", "cat": "kernel", "name": n, "ts": 100.0 * i, "dur": d}
+              for i, (n, d) in enumerate([("triton_red_fused_embedding_0", 0.5), *kernels,
+                                          ("rms_norm_kernel", 1.0),
+                                          ("nvjet_sm90_tst_lm_head", 5.0)])]
+    return {"traceEvents": events}
+
+
+def test_pair_run_one_gemv_per_shard_is_split_by_kernel(full_sites: list) -> None:
+    """bitsandbytes: qkv_proj's three shard GEMVs (each copied into the fused output), then
+    per_layer_model_projection's one, back to back: the shard count tells where qkv ends."""
+    gemv, copy = "kgemm_4bit_inference_naive", "Memcpy DtoD (Device -> Device)"
+    sites = [full_sites[0], full_sites[1], full_sites[-1]]
+    run = [(gemv, 2.0), (copy, 0.25), (gemv, 2.0), (copy, 0.25), (gemv, 2.0), (copy, 0.25),
+           (gemv, 18.0)]
+    p = analyze(_pair_trace(run), sites, "decode", 1, 0.0)
+    assert "split by kernel" in p.assignment
+    assert p.linear_by_layer["ple.per_layer_model_projection"] == pytest.approx(18.0 * US)
+    assert p.linear_by_layer[full_sites[1].name] == pytest.approx(6.75 * US)
+    # the other order: the projection first
+    p = analyze(_pair_trace(run[-1:] + run[:-1]), sites, "decode", 1, 0.0)
+    assert p.linear_by_layer["ple.per_layer_model_projection"] == pytest.approx(18.0 * US)
+
+
 def test_pair_without_one_lead_per_call_is_split_by_flops(full_sites: list) -> None:
     events = [{"ph": "X", "cat": "kernel", "name": n, "ts": float(t), "dur": d}
               for t, (n, d) in enumerate([("triton_red_fused_embedding_0", 0.5),

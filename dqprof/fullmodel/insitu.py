@@ -19,11 +19,11 @@ runs, and run j is site j mod len(sites). Under torch.compile one exception was 
 trace (H200, profiles/h200/session9/traces-bf16.tar.gz): Inductor schedules two independent
 linears back to back, layer 0's qkv_proj and per_layer_model_projection, so a pass holds one
 run fewer (``adjacent_sites``). That run is split into its calls at its lead kernels (a GEMM or
-dequantize kernel that is not a split-K reduction), the longer call going to the layer with more
-FLOPs; where it has not exactly one lead per call (bitsandbytes runs one GEMV per shard), its
-time is split between the two layers by their FLOPs, and the record says so. When the count is
-neither (a fused or a split linear, a path this rule does not know), the linears are still
-measured, as one "unassigned" group, and the record says why.
+dequantize kernel that is not a split-K reduction; one per call, or one per shard as
+bitsandbytes runs them), the longer call going to the layer with more FLOPs; where the leads
+fit neither, its time is split between the two layers by their FLOPs, and the record says so.
+When the count is neither (a fused or a split linear, a path this rule does not know), the
+linears are still measured, as one "unassigned" group, and the record says why.
 
 Device idle is the window's span (first kernel start to last kernel end) minus the union of
 kernel intervals; the named categories are everything but "other".
@@ -31,6 +31,7 @@ kernel intervals; the named categories are everything but "other".
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -131,13 +132,34 @@ def _leads(run: list[int], kernels: list[Kernel]) -> list[int]:
 def _split_pair(run: list[int], kernels: list[Kernel], a: LinearShape, b: LinearShape
                 ) -> tuple[dict[int, list[tuple[LinearShape, float]]], bool]:
     """One run holding the calls of sites a and b -> each kernel's site shares; True when the
-    split is by kernel, False when by FLOPs."""
+    split is by kernel, False when by FLOPs.
+
+    By kernel where the run's lead kernels are one per call (fused paths) or one per shard
+    (bitsandbytes' GEMV per shard): of the two orders the run could hold, the one whose
+    split gives the longer part to the layer with more FLOPs, the closer to their FLOP
+    ratio."""
     big, small = (a, b) if a.n * a.k >= b.n * b.k else (b, a)
     leads = _leads(run, kernels)
-    if len(leads) == 2:
-        first, second = run[:leads[1]], run[leads[1]:]
-        dur = [sum(kernels[i].dur for i in part) for part in (first, second)]
-        long_, short = (first, second) if dur[0] >= dur[1] else (second, first)
+    want = big.n * big.k / (small.n * small.k)
+    best: tuple[float, list[int], list[int]] | None = None
+    for first, second in ((big, small), (small, big)):
+        # (leads of the first call, leads of both): one a call, or one a shard
+        for n_first, n_total in ((1, 2), (len(first.shards),
+                                          len(first.shards) + len(second.shards))):
+            if len(leads) != n_total or n_first >= len(leads):
+                continue
+            cut = leads[n_first]
+            part_first, part_second = run[:cut], run[cut:]
+            t = [sum(kernels[i].dur for i in part) for part in (part_first, part_second)]
+            t_big, t_small = (t[0], t[1]) if first is big else (t[1], t[0])
+            if t_big < t_small or t_small <= 0:
+                continue
+            miss = abs(math.log(t_big / t_small / want))
+            if best is None or miss < best[0]:
+                best = (miss, *((part_first, part_second) if first is big
+                                else (part_second, part_first)))
+    if best is not None:
+        _, long_, short = best
         return ({**{i: [(big, 1.0)] for i in long_}, **{i: [(small, 1.0)] for i in short}},
                 True)
     fb = big.n * big.k / (big.n * big.k + small.n * small.k)
