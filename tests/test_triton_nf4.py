@@ -35,6 +35,7 @@ from dqprof.kernels.nf4 import (
     unpack_nf4,
 )
 from dqprof.kernels.triton_nf4 import (
+    DEQUANT_MIN_M,
     LUT_BYTES,
     MMA_ONLY_DECODES,
     Nf4State,
@@ -62,7 +63,7 @@ CASES: list[tuple[str, int, int, int]] = [
     ("triton-nf4[kernel=gemv]", 64, 512, 8),  # gemv, BLOCK_M 8, BLOCK_N 16
     ("triton-nf4[kernel=mma]", 128, 256, 5),  # mma at decode M: BLOCK_M 16
     ("triton-nf4", 128, 256, 33),  # mma, BLOCK_M 64, masked M tail
-    ("triton-nf4", 64, 256, 80),  # the prefill tile (BLOCK_N 128, 8 warps), masked N
+    ("triton-nf4[kernel=mma]", 64, 256, 80),  # the prefill tile (BLOCK_N 128, 8 warps), masked N
     ("triton-nf4[block_m=128]", 64, 256, 80),  # the 128 x 128 prefill tile, masked M and N
     ("triton-nf4[decode=table,split_k=2]", 64, 1024, 1),  # gemv split-K (2 k-tiles) + reduction
     ("triton-nf4[kernel=mma,split_k=2]", 64, 512, 5),  # mma split-K + reduction
@@ -88,6 +89,9 @@ CASES: list[tuple[str, int, int, int]] = [
     ("triton-nf4[kernel=mma,decode=direct]", 96, 256, 5),  # N tail: clamped rows, not stored
     ("triton-nf4[decode=direct,block_m=128]", 64, 256, 80),  # the prefill tile, masked M
     ("triton-nf4[kernel=mma,decode=direct,split_k=2]", 64, 512, 17),  # split K, 2 M tiles
+    # dequantize to bf16, then the bf16 matmul (the default from DEQUANT_MIN_M rows)
+    ("triton-nf4", 96, 320, 70),  # 3840 words: the last program masked
+    ("triton-nf4[kernel=dequant]", 64, 192, 3),  # forced at decode M
 ]
 STATS_FORMS = ("nested", "fp16")
 # x = identity: each output is one dequantized weight, bf16(w) exactly through either kernel
@@ -103,6 +107,8 @@ EXACT_CASES: list[tuple[str, int, int]] = [
     ("triton-nf4[kernel=mma,decode=shfl1]", 64, 128),
     ("triton-nf4[kernel=mma,decode=direct]", 64, 128),
     ("triton-nf4[kernel=mma,decode=direct,stats=fp16]", 64, 128),
+    ("triton-nf4[kernel=dequant]", 64, 128),
+    ("triton-nf4[kernel=dequant,stats=fp16]", 64, 128),
 ]
 # the GEMV takes M <= 16 (v4: 4): the identity goes through it 8 (4) rows at a time
 GEMV_ROWS = 8
@@ -224,6 +230,7 @@ def test_cases_cover_the_paths(interpreted: dict[str, Any]) -> None:
         assert any(c["kernel"] == kernel and c["block_k"] == 64 for _, c in configs)  # K 192
         assert any(c["kernel"] == kernel and c["block_n"] == 16 for _, c in configs)
     assert any(m == 5 and c["kernel"] == "mma" for m, c in configs)  # forced below M 9
+    assert {m for m, c in configs if c["kernel"] == "dequant"} == {3, 70}
     assert all(c["kernel"] == "gemv" for m, c in configs if m == 1)
     v4 = [(m, c) for m, c in configs if c["decode"] != "table" and c["kernel"] == "gemv"]
     assert {c["block_m"] for _, c in configs
@@ -241,7 +248,7 @@ def test_cases_cover_the_paths(interpreted: dict[str, Any]) -> None:
 def test_identity_gives_the_bf16_weight(interpreted: dict[str, Any], index: int) -> None:
     r = interpreted["exact"][index]
     spec = r["case"][0]
-    assert r["kernel"] == ("gemv" if "kernel=gemv" in spec else "mma")
+    assert r["kernel"] == spec.split("kernel=")[1].split(",")[0].rstrip("]")
     asked = next((o[7:] for o in spec[spec.find("[") + 1:-1].split(",")
                   if o.startswith("decode=")), "table")
     assert r["decode"] == asked
@@ -408,18 +415,23 @@ SHAPES = ((3072, 2560), (2560, 2048), (20480, 2560), (2560, 10240), (256, 2560),
 
 def test_tile_heuristic() -> None:
     sms = 132
-    for (n, k), m in itertools.product(SHAPES, (1, 2, 3, 4, 5, 8, 9, 16, 33, 64, 65, 256, 4096)):
+    for (n, k), m in itertools.product(SHAPES, (1, 2, 3, 4, 5, 8, 9, 16, 33, 63, 64, 65, 256,
+                                                4096)):
         cfg = heuristic_config(m, n, k, sms)
-        assert cfg.kernel == ("gemv" if m <= 4 else "mma"), (m, n, k, cfg)
+        want = "gemv" if m <= 4 else "mma" if m < DEQUANT_MIN_M else "dequant"
+        assert cfg.kernel == want, (m, n, k, cfg)
+        assert tile_config(m, n, k, sms, TritonNf4.options) == cfg  # no table, no options
+        if cfg.kernel == "dequant":
+            continue
         assert cfg.block_m >= (m if m <= 4 else min(m, 64)), (m, cfg)
         assert k % cfg.block_k == 0 and cfg.block_k >= 64, (m, n, k, cfg)
         assert (k // cfg.block_k) % cfg.split_k == 0, (m, n, k, cfg)  # no split idles
         assert tile_config(m, n, k, sms, TritonNf4.options) == cfg  # no table, no options
     assert heuristic_config(1, 4096, 192, sms).block_k == 64
     assert heuristic_config(33, 4096, 192, sms).block_k == 64
+    assert heuristic_config(4096, 20480, 2560, sms, "mma").num_warps == 8  # the prefill tile
     # decode with few output rows: split-K fills the SMs
     assert heuristic_config(1, 2560, 10240, sms).split_k > 1
-    assert heuristic_config(4096, 20480, 2560, sms).num_warps == 8  # the prefill tile
     # GEMV v4: the decode reaches the GEMV's config only; 32 rows at M = 2 (v3: 16)
     auto = TritonNf4.options
     for decode in ("table4", "shfl"):
@@ -450,6 +462,11 @@ def test_forced_options_win() -> None:
     gemv = tile_config(8, 2560, 10240, sms, {**auto, "kernel": "gemv", "num_warps": 8})
     assert (gemv.kernel, gemv.num_warps) == ("gemv", 8)
     assert tile_config(1, 2560, 192, sms, {**auto, "block_k": 128}).block_k == 64  # divides K
+    # past DEQUANT_MIN_M a decode or a tile asks for the MMA; kernel=dequant at any M
+    for opts in ({"decode": "shfl"}, {"block_n": 64}, {"kernel": "mma"}):
+        assert tile_config(4096, 20480, 2560, sms, {**auto, **opts}).kernel == "mma", opts
+    assert tile_config(4096, 20480, 2560, sms, {**auto, "block_n": 64}).block_n == 64
+    assert tile_config(1, 2560, 10240, sms, {**auto, "kernel": "dequant"}).kernel == "dequant"
     with pytest.raises(ValueError, match="M <= 16"):
         tile_config(17, 2560, 10240, sms, {**auto, "kernel": "gemv"})
     with pytest.raises(ValueError, match="M <= 16"):
@@ -514,6 +531,9 @@ def test_tuned_table_lookup() -> None:
     v4["entries"][1]["config"]["decode"] = "lds"
     with pytest.raises(ValueError, match="entry 1: decode"):
         parse_table(v4, "bad.json")
+    dq = _table_data()  # a bucket may dequantize (its tile fields are parsed, not used)
+    dq["entries"][0]["config"]["kernel"] = "dequant"
+    assert parse_table(dq, "dq.json").lookup(16, 2560, 10240).kernel == "dequant"
 
 
 def test_tuned_table_files(tmp_path: Path) -> None:
@@ -562,6 +582,13 @@ def test_traffic() -> None:
         4 * blocks + LUT_BYTES)
     b = TritonNf4()
     assert b.resident_bytes(_shape(n, k)) == t.weight + t.scales
+    # kernel=dequant writes the bf16 weight and reads it back: by its config, or by what ran
+    big = b.traffic(_shape(n, k), DEQUANT_MIN_M)
+    assert (big.weight, big.scales, big.intermediate) == (t.weight, t.scales, 4 * n * k)
+    assert create("triton-nf4[kernel=mma]").traffic(_shape(n, k), 4096).intermediate == 0
+    assert b.traffic(_shape(n, k), 16, [{"category": "dequant"}, {"category": "gemm"}]
+                     ).intermediate == 4 * n * k
+    assert b.traffic(_shape(n, k), 4096, [{"category": "gemm"}]).intermediate == 0
 
 
 def test_cpu_without_interpreter_says_why() -> None:
@@ -617,7 +644,9 @@ def test_gpu_gemma_shapes(gemma_states: Callable[[str, str], Nf4State], spec: st
     y = b(state, x)
     assert y.shape == (m, state.n) and y.dtype == torch.bfloat16
     cfg = b.config(m, state.n, state.k, x.device)
-    assert cfg.kernel == ("mma" if "kernel=mma" in spec or m > 8 else "gemv")
+    plain = spec in ("triton-nf4", "triton-nf4[stats=fp16]")  # no kernel, tile nor decode asked
+    assert cfg.kernel == ("gemv" if m <= 8 and "kernel=mma" not in spec else
+                          "dequant" if m >= DEQUANT_MIN_M and plain else "mma")
     asked = b.opts["decode"]
     if cfg.kernel == "gemv" and asked:  # else the tuned table's or auto_decode's
         # an MMA-only decode leaves the GEMV its own (shfl)

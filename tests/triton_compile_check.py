@@ -43,8 +43,8 @@ SWEEP_M = tuple(1 << i for i in range(13)) + (600,)
 tl: Any = None  # triton.language, bound by main() (the probe kernel resolves it here)
 # PTX and HELPERS: the inline PTX and the jitted helpers the kernels take by name
 _NEEDED = ("BLOCKSIZE", "DECODES", "TileConfig", "tile_config", "_nf4_gemv_kernel",
-           "_nf4_gemv4_kernel", "_nf4_mma_kernel", "_nf4_splitk_reduce", "PTX", "HELPERS",
-           "MMA_DECODE")
+           "_nf4_gemv4_kernel", "_nf4_mma_kernel", "_nf4_splitk_reduce", "_nf4_dequant_kernel",
+           "DEQUANT_WORDS", "PTX", "HELPERS", "MMA_DECODE")
 
 
 def _stdlib_import(node: ast.Import | ast.ImportFrom) -> bool:
@@ -102,7 +102,7 @@ def _int_spec(v: int) -> tuple[str, Any]:
 
 @dataclass(frozen=True)
 class Job:
-    kernel: str  # "gemv", "mma" or "reduce"
+    kernel: str  # "gemv", "gemv4", "mma", "dequant" or "reduce"
     signature: tuple[tuple[str, str], ...]
     constexprs: tuple[tuple[str, Any], ...]
     divisible: tuple[str, ...]
@@ -113,6 +113,9 @@ class Job:
         c = dict(self.constexprs)
         if self.kernel == "reduce":
             return f"reduce SPLIT_K={c['SPLIT_K']}"
+        if self.kernel == "dequant":
+            stats = "nested" if c["NESTED"] else dict(self.signature)["a_ptr"][1:]
+            return f"dequant stats={stats} BLOCK={c['BLOCK']} w={self.num_warps}"
         ints = ",".join(f"{k}={v}" for k, v in self.constexprs if not k.isupper())
         stats = "nested" if c["NESTED"] else dict(self.signature)["a_ptr"][1:]
         group = f" GN={c['GROUP_N']}" if "GROUP_N" in c else ""
@@ -158,6 +161,19 @@ def jobs(ns: dict[str, Any], shapes=GEMMA4_E4B, ms=SWEEP_M, sms: int = 132,
         opts = parse_variant(variant, ns["DECODES"])
         nested = opts["stats"] == "nested"
         cfg = ns["tile_config"](m, n, k, sms, opts)
+        if cfg.kernel == "dequant":  # one specialization per statistics form (cuBLAS after it)
+            a_ptr = STATS_PTR[opts["stats"]]
+            words = 17 if quick else n * k // 8
+            sig = (("w_ptr", "*i32"), ("a_ptr", a_ptr), ("a2_ptr", "*fp32" if nested else a_ptr),
+                   ("code2_ptr", "*fp32"), ("lut_ptr", "*fp32"), ("out_ptr", "*bf16"),
+                   ("WORDS", _int_spec(words)[0]), ("offset", "fp32"),
+                   ("NESTED", "constexpr"), ("BLOCK", "constexpr"))
+            div = ("w_ptr", "a_ptr", "a2_ptr", "code2_ptr", "lut_ptr", "out_ptr") + (
+                ("WORDS",) if _int_spec(words)[1] == "D" else ())
+            job = Job("dequant", sig, (("NESTED", nested), ("BLOCK", ns["DEQUANT_WORDS"])), div,
+                      cfg.num_warps, cfg.num_stages)
+            out.setdefault(job, []).append((variant, m, n, k))
+            continue
         # GEMV v4 (_nf4_gemv4_kernel) for the decodes other than v3's table
         kernel = "gemv4" if cfg.kernel == "gemv" and cfg.decode != "table" else cfg.kernel
         # as nf4_matmul passes them: row strides in int32 words and in blocks, x's row stride,
@@ -348,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
                  kernels={"gemv": triton.jit(ns["_nf4_gemv_kernel"]),
                           "gemv4": triton.jit(ns["_nf4_gemv4_kernel"]),
                           "mma": triton.jit(ns["_nf4_mma_kernel"]),
+                          "dequant": triton.jit(ns["_nf4_dequant_kernel"]),
                           "reduce": triton.jit(ns["_nf4_splitk_reduce"])})
     print(f"triton {triton.__version__}, sm_{args.arch}: {len(todo)} compilations", flush=True)
     t0 = time.perf_counter()

@@ -19,7 +19,7 @@ Decode: a nibble indexes a 64-byte fp32 table of the 16 levels (one L1 line: a w
 is one wavefront); the block's absmax is applied once per block to the partial dot product
 (GEMV) or per weight before the MMA (tensor cores). No shared-memory round trip per nibble.
 
-Two kernels, picked per call by M (``tile_config``; a tuned table per GPU in
+Three kernels, picked per call by M (``tile_config``; a tuned table per GPU in
 ``dqprof/kernels/configs/<gpu>.json`` overrides the heuristic, see ``tuned.py``):
 
 * ``gemv`` (M <= 4, decode): CUDA cores, no tensor cores. Each program owns BLOCK_N rows and a
@@ -37,6 +37,12 @@ Two kernels, picked per call by M (``tile_config``; a tuned table per GPU in
   (as Machete does): the decoded tile never goes back through shared memory; x.T is the
   shared-memory operand, fed by Triton's pipeliner. BLOCK_N (the MMA's M) is 64 per warpgroup,
   BLOCK_M (x rows, the MMA's N) 16 to 256.
+
+* ``dequant`` (M >= DEQUANT_MIN_M, prefill): ``_nf4_dequant_kernel`` writes the bf16 weight
+  to a scratch (one decode per weight per call, memory-bound) and cuBLAS multiplies; the
+  dequantize kernel is attributed as ``dequant``, the byte model counts the scratch's write
+  and read. The NF4 format's prefill cost is then that kernel alone, which a fused kernel
+  whose decode is not L1-bound would hide (not done: docs/triton-nf4.md).
 
 Split-K writes fp32 partials that a small second kernel adds (deterministic; no atomics).
 CUDA graphs: no host syncs; ``__call__`` allocates only the output (and the partials).
@@ -70,6 +76,13 @@ BLOCKSIZE = 64  # NF4 block (bitsandbytes' default, what vLLM uses)
 NESTED_BLOCK = 256  # blocks of absmax per nested statistic (bitsandbytes' default)
 LUT_BYTES = 16 * 4  # the 16 NF4 levels in fp32: one 64-byte L1 line
 GEMV_MAX_M = 16  # the CUDA-core kernel: M FMAs per weight; tensor cores beyond
+# From this M the heuristic dequantizes to a bf16 scratch and calls cuBLAS (kernel=dequant):
+# the weight's decode is paid once per call instead of once per x tile, and cuBLAS' bf16 GEMM
+# is near the tensor cores' peak where the MMA above is L1-bound at 5-7x bf16's time
+# (docs/triton-nf4.md). vLLM's AWQ path switches the same way at 256 tokens.
+DEQUANT_MIN_M = 64
+DEQUANT_WORDS = 1024  # packed words per program of the dequantize kernel (8192 weights)
+KERNELS = ("gemv", "mma", "dequant")
 DEFAULT_SMS = 132  # H100/H200 SXM; used where no CUDA device answers (interpreter runs)
 STATS = ("nested", "fp16", "fp32")
 # the GEMV's decode: "table" is GEMV v3 (_nf4_gemv_kernel: L1 table gathers); GEMV v4
@@ -576,6 +589,23 @@ def _nf4_mma_kernel(
         tl.store(out, acc, mask=mask)
 
 
+def _nf4_dequant_kernel(w_ptr, a_ptr, a2_ptr, code2_ptr, lut_ptr, out_ptr, WORDS, offset,
+                        NESTED: tl.constexpr, BLOCK: tl.constexpr):
+    """out [n, k] bf16 = dequant(W): BLOCK packed words a program (8 weights each, 8 words a
+    block of 64), one 16-byte store of 8 bf16 per word. Memory-bound: 2.5 bytes and a gather
+    from the L1-resident table per weight, no MMA."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < WORDS
+    words = tl.load(w_ptr + offs, mask=mask, other=0)
+    absmax = _nf4_absmax(a_ptr, a2_ptr, code2_ptr, offset, offs // 8, mask, NESTED)
+    offs_j = tl.arange(0, 8)
+    shifts = (offs_j // 2) * 8 + (1 - offs_j % 2) * 4  # the even k in a byte's high nibble
+    codes = (words[:, None] >> shifts[None, :]) & 15
+    w = tl.load(lut_ptr + codes) * absmax[:, None]
+    tl.store(out_ptr + offs[:, None] * 8 + offs_j[None, :], w.to(tl.bfloat16),
+             mask=mask[:, None])
+
+
 def _nf4_splitk_reduce(ws_ptr, y_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
     """y[i] = bf16(sum_s ws[s, i]) over the flattened [m, n] output."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -612,7 +642,8 @@ def _kernels() -> SimpleNamespace:
     globals().update({name: tl.constexpr(ptx) for name, ptx in PTX.items()})
     globals().update({f.__name__: triton.jit(f) for f in HELPERS})  # called by name
     return SimpleNamespace(gemv=triton.jit(_nf4_gemv_kernel), gemv4=triton.jit(_nf4_gemv4_kernel),
-                           mma=triton.jit(_nf4_mma_kernel), reduce=triton.jit(_nf4_splitk_reduce))
+                           mma=triton.jit(_nf4_mma_kernel), reduce=triton.jit(_nf4_splitk_reduce),
+                           dequant=triton.jit(_nf4_dequant_kernel))
 
 
 def _check_interpreter(device: torch.device) -> None:
@@ -636,7 +667,7 @@ def _sm_count(device: torch.device) -> int:
 
 @dataclass(frozen=True)
 class TileConfig:
-    kernel: str  # "gemv" or "mma"
+    kernel: str  # "gemv", "mma" or "dequant" (which takes none of the tile fields)
     block_m: int
     block_n: int
     block_k: int
@@ -695,6 +726,8 @@ def heuristic_config(m: int, n: int, k: int, sms: int, kernel: str = "",
         tiles = _cdiv(n, bn) * _cdiv(m, bm)
         split = _auto_split(tiles, k // bk, 4 * sms, 2, 16)
         return TileConfig("gemv", bm, bn, bk, split, warps, 1, decode=decode)
+    if kernel == "dequant" or (not kernel and m >= DEQUANT_MIN_M):
+        return TileConfig("dequant", 1, 1, 64, 1, 4, 1)
     if m <= 64:  # small batches: still bandwidth-bound, the MMA's N is the batch (>= 16)
         bm = max(16, 1 << (m - 1).bit_length())
         bn, bk, warps, stages = 64, _divisor_block_k(k, 128), 4, 3
@@ -718,6 +751,11 @@ def tile_config(m: int, n: int, k: int, sms: int, opts: dict[str, Any],
     decode = "shfl" if asked in MMA_ONLY_DECODES else asked  # the GEMV's
     cfg = (table.lookup(m, n, k) if table is not None else None) or heuristic_config(
         m, n, k, sms, decode=decode)
+    tiles = any(opts.get(key) for key in ("block_m", "block_n", "block_k", "split_k",
+                                          "num_warps", "num_stages"))
+    want = opts.get("kernel") or ""
+    if cfg.kernel == "dequant" and (want in ("gemv", "mma") or (not want and (asked or tiles))):
+        cfg = _other_kernel(want or "mma", m, n, k, sms, decode)  # a decode or tile: the MMA
     if cfg.kernel == "gemv" and decode and decode != cfg.decode:
         cfg = heuristic_config(m, n, k, sms, decode=decode)
     if cfg.kernel == "mma" and asked:  # the MMA's own decodes (MMA_DECODE)
@@ -852,6 +890,8 @@ def nf4_matmul(st: Nf4State, x: torch.Tensor, cfg: TileConfig) -> torch.Tensor:
     m, n, k = x.shape[0], st.n, st.k
     _check_interpreter(x.device)
     kern = _kernels()
+    if cfg.kernel == "dequant":
+        return x @ dequantize(st).T  # cuBLAS on the GPU
     y = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
     if m == 0:
         return y
@@ -897,6 +937,19 @@ def nf4_matmul(st: Nf4State, x: torch.Tensor, cfg: TileConfig) -> torch.Tensor:
 # Backend
 # ---------------------------------------------------------------------------------------------
 
+def dequantize(st: Nf4State) -> torch.Tensor:
+    """The bf16 [n, k] weight, decoded by _nf4_dequant_kernel (kernel=dequant's first half)."""
+    _check_interpreter(st.packed.device)
+    words = st.n * st.k // 8
+    w = torch.empty(st.n, st.k, dtype=torch.bfloat16, device=st.packed.device)
+    a2 = st.absmax2 if st.nested else st.absmax
+    code2 = st.code2 if st.nested else st.lut
+    _kernels().dequant[(_cdiv(words, DEQUANT_WORDS),)](
+        st.packed.view(torch.int32), st.absmax, a2, code2, st.lut, w, words, st.offset,
+        NESTED=st.nested, BLOCK=DEQUANT_WORDS, num_warps=4)
+    return w
+
+
 def _check_pow2(name: str, value: Any, low: int) -> None:
     if value == 0:
         return
@@ -908,7 +961,8 @@ def _check_pow2(name: str, value: Any, low: int) -> None:
 class TritonNf4(Backend):
     name = "triton-nf4"
     description = ("our fused Triton NF4 GEMM on bitsandbytes' NF4 bytes and statistics (nested "
-                   "by default): CUDA-core GEMV at M <= 4, transposed tensor-core GEMM beyond")
+                   "by default): CUDA-core GEMV at M <= 4, transposed tensor-core GEMM to "
+                   f"M < {DEQUANT_MIN_M}, dequantize to bf16 + cuBLAS from there")
     requires = ("triton",)
     devices = ("cuda",)
     options = {"kernel": "", "block_m": 0, "block_n": 0, "block_k": 0, "split_k": 0,
@@ -930,8 +984,9 @@ class TritonNf4(Backend):
             raise ValueError(f"triton-nf4 option decode={o['decode']!r}: one of "
                              f"{', '.join(DECODES)} (empty: {AUTO_DECODE} at M <= "
                              f"{GEMV4_MAX_M}, else table)")
-        if o["kernel"] not in ("", "gemv", "mma"):
-            raise ValueError(f"triton-nf4 option kernel={o['kernel']!r}: gemv or mma")
+        if o["kernel"] not in ("", *KERNELS):
+            raise ValueError(f"triton-nf4 option kernel={o['kernel']!r}: one of "
+                             f"{', '.join(KERNELS)}")
         self._table = None
 
     def supports(self, shape: LinearShape) -> str | None:
@@ -980,5 +1035,13 @@ class TritonNf4(Backend):
         stats = self.opts["stats"]
         if stats == "nested":  # uint8 codes, fp32 per 256 blocks, offset, the 256-entry map
             scales = nf4_stats(shape.n, shape.k, nested=True) - 256 * 4 + LUT_BYTES
-            return nf4_fused(m, shape.n, shape.k, 0, scales)
-        return nf4_fused(m, shape.n, shape.k, _PLAIN_DTYPES[stats].itemsize, LUT_BYTES)
+            t = nf4_fused(m, shape.n, shape.k, 0, scales)
+        else:
+            t = nf4_fused(m, shape.n, shape.k, _PLAIN_DTYPES[stats].itemsize, LUT_BYTES)
+        if kernels is not None:
+            unfused = any(k.get("category") == "dequant" for k in kernels)
+        else:
+            unfused = tile_config(m, shape.n, shape.k, DEFAULT_SMS, self.opts).kernel == "dequant"
+        if unfused:  # the bf16 weight written, then read by the GEMM
+            t = replace(t, intermediate=2 * 2 * shape.n * shape.k)
+        return t

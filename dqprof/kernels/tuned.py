@@ -41,7 +41,7 @@ class TunedTable:
 
 def parse_table(data: dict[str, Any], path: str) -> TunedTable:
     """A table from its JSON; ValueError naming what is wrong."""
-    from dqprof.kernels.triton_nf4 import DECODES
+    from dqprof.kernels.triton_nf4 import DECODES, KERNELS
 
     if data.get("schema") != SCHEMA or not isinstance(data.get("entries"), list):
         raise ValueError(f"not a schema-{SCHEMA} triton-nf4 table")
@@ -49,7 +49,7 @@ def parse_table(data: dict[str, Any], path: str) -> TunedTable:
     for i, e in enumerate(data["entries"]):
         try:
             cfg = dict(e["config"])
-            if cfg.get("kernel") not in ("gemv", "mma"):
+            if cfg.get("kernel") not in KERNELS:
                 raise ValueError(f"kernel {cfg.get('kernel')!r}")
             for key in ("block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages"):
                 if not isinstance(cfg.get(key), int) or cfg[key] < 1:

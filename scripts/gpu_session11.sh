@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Session 11's GPU batch (30 min of device time). Session 10's results were lost with its
+# checkout (they came back to a folder outside the repo, which the next checkout did not keep):
+# copy what a call returns into the repo at once. This batch measures again what was lost and
+# the new kernel=dequant path of triton-nf4 (issue 11: M >= 1024 at <= 1.5x bf16):
+#   a      (carry part_00): the full-size bf16 checkpoint (synth, ~25 s); the dequant path
+#          against the MMA and bf16 on gate_up and down, M = 16 ... 4096 (56 points)
+#   b      (carry part_01): the other quantized layers with N, K >= 2048 at M = 256, 1024, 4096
+#          (the target's set), and the MMA at BLOCK_N 64 (session 10's lost small-tile A/B)
+#   c      (carry part_02): triton-nf4's GPU tests (bitsandbytes' ones skip: not unpacked yet)
+#   model  (carry part_03 + unpack.sh first): the full model in vLLM, one quantization a call
+#          in QUANTS order (fp8, then bf16: the ratio's other half), resumed, with the in-situ
+#          step profile (issue 12); fp8's traces kept
+#   gate   scripts/gpu_gate_boards.sh: ci-smoke plain and through --gpus 0, the gate between
+#          them, the committed baseline against this board, a slowed triton-nf4 (issue 13)
+#   DQPROF_GIT_COMMIT=<hash> [STEP_S=570] [QUANTS=fp8,bf16] bash scripts/gpu_session11.sh a|b|c|model|gate
+# The bundle is 4 parts of 45 MB (the tree is ~18 MB; a call carries 64 MiB):
+#   cat .gpu-deps/part_* > /tmp/b && rm .gpu-deps/part_* && split -b 45M -d -a 2 /tmp/b .gpu-deps/part_
+# Then: profiles/h200/session11/ gets the files with these commands.
+set -uo pipefail
+export PYTHONPATH=${GPU_SITE:-/tmp/gpu-site}:$PWD PYTHONUNBUFFERED=1 VLLM_ENABLE_V1_MULTIPROCESSING=0
+T0=$(date +%s)
+STEP_S=${STEP_S:-570}
+(( STEP_S > 575 )) && STEP_S=575  # the call's limit is 600 s: leave room to pack up
+DQ_AB="bf16,triton-nf4,triton-nf4[kernel=mma],triton-nf4[kernel=dequant]"
+BIG="sliding.qkv_proj,sliding.o_proj,full.qkv_proj,full.o_proj,ple.per_layer_model_projection"
+SMALL_AB="triton-nf4[block_n=64],triton-nf4[decode=shfl,block_n=64],triton-nf4[decode=direct,block_n=64]"
+mkdir -p /opt/gpu-stage runs
+cp .gpu-deps/part_* /opt/gpu-stage/ 2>/dev/null  # the bundle's parts, one per call
+nvidia-smi --query-gpu=name,uuid,driver_version,power.limit,temperature.gpu --format=csv,noheader
+echo "commit ${DQPROF_GIT_COMMIT:-(not given)}"
+left() { echo $(( STEP_S - ($(date +%s) - T0) )); }
+bench() {  # name, then bench's arguments: a run folder and its log, archived to $OUT
+  local name=$1; shift
+  timeout "$(( $(left) - 10 ))" python3 -m dqprof bench "$@" --energy-precision 2% \
+    -o "runs/$name" > "$OUT/$name.log" 2>&1
+  echo "$name rc=$?"; tail -n 1 "$OUT/$name.log"
+  tar -C runs -czf "$OUT/$name.tar.gz" "$name"
+}
+
+case "${1:-}" in
+a)
+  bash scripts/gpu_ckpts.sh bf16
+  bench dequant-ab --backends "$DQ_AB" --m 16,32,64,128,256,1024,4096 \
+    --shapes mlp.gate_up_proj,mlp.down_proj ;;
+b)
+  bench dequant-big --backends "bf16,triton-nf4,triton-nf4[kernel=mma]" --m 256,1024,4096 \
+    --shapes "$BIG"
+  bench mma-small --backends "$SMALL_AB" --m 256,4096 --shapes mlp.gate_up_proj,mlp.down_proj ;;
+c)
+  timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider -rfE tests/test_triton_nf4.py \
+    > "$OUT/nf4-gpu-tests.txt" 2>&1
+  echo "triton-nf4 gpu tests rc=$?"; tail -n 2 "$OUT/nf4-gpu-tests.txt" ;;
+model)
+  touch runs/bnb-tests.done  # session 9 ran them: gpu_session9.sh's model step skips them
+  QUANTS=${QUANTS:-fp8,bf16} KEEP_TRACES_FOR=fp8 MIN_Q_S=${MIN_Q_S:-330} \
+    STEP_S=$(left) bash scripts/gpu_session9.sh model ;;
+gate)
+  GATE=/tmp/gate-boards timeout "$(left)" bash scripts/gpu_gate_boards.sh 2>&1 \
+    | tee "$OUT/gate-boards.log" | tail -n 30 ;;
+*)
+  echo "usage: bash scripts/gpu_session11.sh a|b|c|model|gate" >&2; exit 2 ;;
+esac
+ls -la "$OUT"
