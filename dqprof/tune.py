@@ -34,7 +34,7 @@ def candidates(m: int, n: int, k: int, sms: int,
     each GEMV decode in ``decodes`` (v3's at M <= 4 only: beyond, it compiled to more
     instructions per weight than the MMA needs; v4's in row groups of up to 4 rows), and
     beyond M = 4 every MMA tile with each of its other decodes asked for too (shfl, shfl1,
-    direct)."""
+    direct); from DEQUANT_MIN_M the dequantize path (the heuristic's) before the MMA's tiles."""
     from dqprof.kernels.triton_nf4 import (
         AUTO_DECODE,
         GEMV_MAX_M,
@@ -50,6 +50,8 @@ def candidates(m: int, n: int, k: int, sms: int,
     base = heuristic_config(m, n, k, sms, decode=auto_decode(m) if auto_decode(m) in gemv
                             else gemv[0])
     out = [base]
+    # from DEQUANT_MIN_M the heuristic dequantizes (no tiles to vary): the MMA's tiles beside it
+    mma_base = heuristic_config(m, n, k, sms, "mma") if base.kernel == "dequant" else base
 
     def splits(cfg: TileConfig) -> list[int]:
         k_tiles = k // cfg.block_k
@@ -80,12 +82,12 @@ def candidates(m: int, n: int, k: int, sms: int,
                 out.extend(replace(wide, split_k=s) for s in splits(wide))
         variants(heuristic_config(m, n, k, sms, "mma"), (64, 128), (128, 256))
     elif m <= 64:
-        variants(base, (64, 128), (128, 256))
+        variants(mma_base, (64, 128), (128, 256))
     else:
         for bm in (64, 128, 256):
-            out.append(replace(base, block_m=bm))
-            out.append(replace(base, block_m=bm, num_stages=4))
-        out.append(replace(base, block_n=64, num_warps=4))
+            out.append(replace(mma_base, block_m=bm))
+            out.append(replace(mma_base, block_m=bm, num_stages=4))
+        out.append(replace(mma_base, block_n=64, num_warps=4))
     if m > 4:  # the MMA's shuffle decodes beside its table gather
         mma = [c for c in out if c.kernel == "mma"]
         out.extend(replace(c, decode=d) for d in ("shfl", *MMA_ONLY_DECODES) if d in decodes

@@ -1,7 +1,8 @@
 """Helpers of scripts/gpu_nf4_ab.sh (the triton-nf4 GEMV decode A/B on the GPU machine).
 
     python3 scripts/nf4_ab.py passed TESTS.xml SPEC...        the specs whose decode passed
-    python3 scripts/nf4_ab.py table KERNELS.jsonl... [--specs SPEC,...]   one table of µs
+    python3 scripts/nf4_ab.py table KERNELS.jsonl... [--specs SPEC,...] [--energy]
+                                                              one table of µs (and mJ)
 
 ``passed`` reads pytest's JUnit XML of ``-m gpu tests/test_triton_nf4.py`` and prints, comma
 separated, the given backend specs except triton-nf4 ones whose decode had a failing or
@@ -11,8 +12,8 @@ the end) it keeps them all, with a warning: the bench still checks each point ag
 fp32 reference before timing it. ``table`` prints one row per (layer, M) and one
 column per spec from bench records (heads shortened: ``nf4[bn16,shfl]`` is
 ``triton-nf4[block_n=16,decode=shfl]``; median µs; ``fail`` where the bench's own fp32 check
-failed, blank where not run), then each triton-nf4 spec's geometric-mean speed-up over the
-default triton-nf4 per M.
+failed, blank where not run; ``--energy``: "µs (mJ per call)"), then each triton-nf4 spec's
+geometric-mean speed-up over the default triton-nf4 per M.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def _short(label: str) -> str:
     return label
 
 
-def table(paths: list[Path], specs: list[str] | None) -> str:
+def table(paths: list[Path], specs: list[str] | None, energy: bool = False) -> str:
     cells: dict[tuple[str, int], dict[str, str]] = defaultdict(dict)
     times: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
     seen: list[str] = []
@@ -99,6 +100,9 @@ def table(paths: list[Path], specs: list[str] | None) -> str:
             if r["status"] == "ok":
                 t = r["time"]["median_s"] * 1e6
                 cells[key][label], times[key][label] = f"{t:.2f}", t
+                j = (r.get("energy") or {}).get("j_per_call")
+                if energy:
+                    cells[key][label] += f" ({j * 1e3:.3g})" if j is not None else " (-)"
             elif r["status"] == "failed":
                 cells[key][label] = "fail"
     cols = [_canonical(s) for s in specs] if specs else seen
@@ -132,12 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("table")
     t.add_argument("jsonl", type=Path, nargs="+")
     t.add_argument("--specs", default="", help="column order (default: as first seen)")
+    t.add_argument("--energy", action="store_true", help="each cell: µs (mJ per call)")
     args = ap.parse_args(argv)
     if args.cmd == "passed":
         print(",".join(passed(args.xml, args.specs)))
     else:
         print(table([p for p in args.jsonl if p.exists()],
-                    [s for s in re.split(r",(?![^\[]*\])", args.specs) if s] or None))
+                    [s for s in re.split(r",(?![^\[]*\])", args.specs) if s] or None,
+                    args.energy))
     return 0
 
 

@@ -73,3 +73,13 @@ def test_table(tmp_path: Path) -> None:
     assert lines[1].split()[1:] == ["1", "30.00", "27.00", "13.50", "fail"]
     assert "nf4[shfl]: M=1: 2.00x, M=2: 4.00x" in text
     assert "nf4[bn16,shfl]: no common points" in text
+
+
+def test_table_with_energy(tmp_path: Path) -> None:
+    path = tmp_path / "kernels.jsonl"
+    path.write_text("\n".join(json.dumps({
+        "backend": b, "variant": "", "layer": "mlp.down_proj", "m": 4096, "status": "ok",
+        "time": {"median_s": us * 1e-6}, "energy": e}) for b, us, e in (
+            ("bf16", 264.0, {"j_per_call": 0.2154}), ("triton-nf4", 290.0, None))))
+    row = ab.table([path], ["bf16", "triton-nf4"], energy=True).splitlines()[1]
+    assert row.split()[1:] == ["4096", "264.00", "(215)", "290.00", "(-)"]

@@ -722,6 +722,37 @@ def test_gpu_cuda_graph_capture(gemma_states: Callable[[str], Nf4State], decode:
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("stats", ("nested", "fp32"))
+def test_gpu_dequant_path(gemma_states: Callable[[str, str], Nf4State], stats: str) -> None:
+    """kernel=dequant, the default from DEQUANT_MIN_M: the compiled decode gives bf16(level *
+    absmax) bit for bit on plain statistics (nested ones: the compiled absmax is one fused
+    multiply-add, so to within one bf16 step), and the call captured in a CUDA graph (its
+    scratch from the graph's pool) follows new inputs on replay."""
+    pytest.importorskip("triton")
+    from dqprof.kernels.triton_nf4 import dequantize
+
+    state = gemma_states("mlp.down_proj", stats)
+    w, ref = dequantize(state), TritonNf4().reference(state)
+    if stats == "nested":
+        assert ((w.float() - ref).abs() <= ref.abs() * 2**-8 + 1e-30).all()
+    else:
+        assert torch.equal(w, ref.to(torch.bfloat16))
+    b = TritonNf4(stats=stats)
+    x = torch.randn(DEQUANT_MIN_M + 3, state.k, device="cuda", dtype=torch.bfloat16)
+    assert b.config(x.shape[0], state.n, state.k, x.device).kernel == "dequant"
+    b(state, x)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = b(state, x)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_error(y, b.expected(state, x)) < REL_TOL
+
+
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("m", (1, 4, 16, 256))
 @pytest.mark.parametrize("layer", tuple(GEMMA))
 @pytest.mark.parametrize("decode", GPU_DECODES)
