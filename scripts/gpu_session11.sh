@@ -5,9 +5,11 @@
 # the new kernel=dequant path of triton-nf4 (issue 11: M >= 1024 at <= 1.5x bf16):
 #   a      (carry part_00): the full-size bf16 checkpoint (synth, ~25 s); the dequant path
 #          against the MMA and bf16 on gate_up and down, M = 16 ... 4096 (48 points)
-#   b      (carry part_01): the other quantized layers with N, K >= 2048 at M = 256, 1024, 4096
-#          (the target's set), and the MMA at BLOCK_N 64 (session 10's lost small-tile A/B)
-#   c      (carry part_02): triton-nf4's GPU tests (bitsandbytes' ones skip: not unpacked yet)
+#   b      (carry part_01): triton-nf4's GPU tests on the Gemma shapes, the dequant path and
+#          CUDA graphs (~40 s; bitsandbytes' ones need the bundle), then the other quantized
+#          layers with N, K >= 2048 at M = 256, 1024, 4096 (the target's set)
+#   c      (carry part_02): the MMA at BLOCK_N 64 (session 10's lost small-tile A/B), if the
+#          device budget holds it
 #   model  (carry part_03 + unpack.sh first): the full model in vLLM, one quantization a call
 #          in QUANTS order (fp8, then bf16: the ratio's other half), resumed, with the in-situ
 #          step profile (issue 12); fp8's traces kept
@@ -44,13 +46,14 @@ a)
   bench dequant-ab --backends "$DQ_AB" --m 16,32,64,256,1024,4096 \
     --shapes mlp.gate_up_proj,mlp.down_proj ;;
 b)
+  timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider -rfE tests/test_triton_nf4.py \
+    -k "gemma_shapes or dequant_path or cuda_graph" > "$OUT/nf4-gpu-tests.txt" 2>&1
+  echo "triton-nf4 gpu tests rc=$?"; tail -n 2 "$OUT/nf4-gpu-tests.txt"
   bench dequant-big --backends "bf16,triton-nf4,triton-nf4[kernel=mma]" --m 256,1024,4096 \
-    --shapes "$BIG"
-  bench mma-small --backends "$SMALL_AB" --m 256,4096 --shapes mlp.gate_up_proj,mlp.down_proj ;;
+    --shapes "$BIG" ;;
 c)
-  timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider -rfE tests/test_triton_nf4.py \
-    > "$OUT/nf4-gpu-tests.txt" 2>&1
-  echo "triton-nf4 gpu tests rc=$?"; tail -n 2 "$OUT/nf4-gpu-tests.txt" ;;
+  bench mma-small --backends "bf16,$SMALL_AB" --m 256,4096 \
+    --shapes mlp.gate_up_proj,mlp.down_proj ;;
 model)
   touch runs/bnb-tests.done  # session 9 ran them: gpu_session9.sh's model step skips them
   QUANTS=${QUANTS:-fp8,bf16} KEEP_TRACES_FOR=fp8 MIN_Q_S=${MIN_Q_S:-330} \
