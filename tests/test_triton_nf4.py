@@ -459,6 +459,9 @@ def test_forced_options_win() -> None:
         "gemv", 16, 64, 1)
     mma = tile_config(1, 2560, 10240, sms, {**auto, "kernel": "mma"})
     assert mma.kernel == "mma" and mma.block_m >= 16
+    for decode in ("shfl", "shfl1", "direct"):  # a forced MMA at decode M keeps its decode
+        forced_mma = tile_config(1, 2560, 10240, sms, {**auto, "kernel": "mma", "decode": decode})
+        assert (forced_mma.kernel, forced_mma.decode) == ("mma", decode)
     gemv = tile_config(8, 2560, 10240, sms, {**auto, "kernel": "gemv", "num_warps": 8})
     assert (gemv.kernel, gemv.num_warps) == ("gemv", 8)
     assert tile_config(1, 2560, 192, sms, {**auto, "block_k": 128}).block_k == 64  # divides K

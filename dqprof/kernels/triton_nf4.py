@@ -758,8 +758,6 @@ def tile_config(m: int, n: int, k: int, sms: int, opts: dict[str, Any],
         cfg = _other_kernel(want or "mma", m, n, k, sms, decode)  # a decode or tile: the MMA
     if cfg.kernel == "gemv" and decode and decode != cfg.decode:
         cfg = heuristic_config(m, n, k, sms, decode=decode)
-    if cfg.kernel == "mma" and asked:  # the MMA's own decodes (MMA_DECODE)
-        cfg = replace(cfg, decode={"table4": "table"}.get(asked, asked))
     forced = {key: opts[key] for key in ("kernel", "block_m", "block_n", "block_k", "split_k",
                                          "num_warps", "num_stages") if opts.get(key)}
     if forced:
@@ -768,6 +766,8 @@ def tile_config(m: int, n: int, k: int, sms: int, opts: dict[str, Any],
         cfg = replace(cfg, **forced)
         if not decode and cfg.kernel == "gemv" and cfg.block_m > GEMV4_MAX_M:
             cfg = replace(cfg, decode="table")  # forced rows v4 cannot hold: v3's GEMV
+    if cfg.kernel == "mma" and asked:  # the MMA's own decodes (MMA_DECODE), forced MMA too
+        cfg = replace(cfg, decode={"table4": "table"}.get(asked, asked))
     if cfg.kernel == "gemv" and m > GEMV_MAX_M:
         raise ValueError(f"triton-nf4 kernel=gemv takes M <= {GEMV_MAX_M} (M={m})")
     if cfg.kernel == "gemv" and cfg.decode != "table" and cfg.block_m > GEMV4_MAX_M:
