@@ -34,7 +34,7 @@ def candidates(m: int, n: int, k: int, sms: int,
     each GEMV decode in ``decodes`` (v3's at M <= 4 only: beyond, it compiled to more
     instructions per weight than the MMA needs; v4's in row groups of up to 4 rows), and
     beyond M = 4 every MMA tile with each of its other decodes asked for too (shfl, shfl1,
-    direct); from DEQUANT_MIN_M the dequantize path (the heuristic's) before the MMA's tiles."""
+    direct), and the dequantize path (the heuristic's, first, from DEQUANT_MIN_M)."""
     from dqprof.kernels.triton_nf4 import (
         AUTO_DECODE,
         GEMV_MAX_M,
@@ -92,6 +92,7 @@ def candidates(m: int, n: int, k: int, sms: int,
         mma = [c for c in out if c.kernel == "mma"]
         out.extend(replace(c, decode=d) for d in ("shfl", *MMA_ONLY_DECODES) if d in decodes
                    for c in mma)
+        out.append(heuristic_config(m, n, k, sms, "dequant"))  # the first already, from 17
     seen, unique = set(), []
     for c in out:
         if c not in seen:

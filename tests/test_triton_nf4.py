@@ -62,7 +62,7 @@ CASES: list[tuple[str, int, int, int]] = [
     ("triton-nf4[decode=table]", 128, 512, 3),  # gemv, BLOCK_M 4: masked M rows
     ("triton-nf4[kernel=gemv]", 64, 512, 8),  # gemv, BLOCK_M 8, BLOCK_N 16
     ("triton-nf4[kernel=mma]", 128, 256, 5),  # mma at decode M: BLOCK_M 16
-    ("triton-nf4", 128, 256, 33),  # mma, BLOCK_M 64, masked M tail
+    ("triton-nf4[kernel=mma]", 128, 256, 33),  # mma, BLOCK_M 64, masked M tail
     ("triton-nf4[kernel=mma]", 64, 256, 80),  # the prefill tile (BLOCK_N 128, 8 warps), masked N
     ("triton-nf4[block_m=128]", 64, 256, 80),  # the 128 x 128 prefill tile, masked M and N
     ("triton-nf4[decode=table,split_k=2]", 64, 1024, 1),  # gemv split-K (2 k-tiles) + reduction

@@ -23,15 +23,15 @@ def test_candidates_are_valid_tiles(m: int, n: int, k: int) -> None:
         assert k % c.block_k == 0 and (k // c.block_k) % c.split_k == 0
         if c.kernel == "gemv" and c.decode == "table":  # v3: every row in one program
             assert m <= 4 and c.block_m >= m
-        elif c.kernel == "dequant":  # from DEQUANT_MIN_M: the heuristic's, no tiles
-            assert m >= DEQUANT_MIN_M and c == cands[0]
+        elif c.kernel == "dequant":  # beyond M = 4, no tiles; the heuristic's from 17
+            assert m > 4 and (c == cands[0]) == (m >= DEQUANT_MIN_M)
         elif c.kernel == "gemv":  # v4: row groups of up to 4 rows
             assert m <= 16 and c.block_m == min(4, 1 << (m - 1).bit_length())
         else:  # wgmma's M is the weight tile: 64 rows per warpgroup
             assert c.block_n >= 64 and c.block_m >= 16
     kernels = {c.kernel for c in cands}
-    assert kernels == ({"gemv", "mma"} if m <= 16 else {"mma"} if m < DEQUANT_MIN_M
-                       else {"mma", "dequant"})
+    assert kernels == ({"gemv", "mma"} if m <= 4 else {"gemv", "mma", "dequant"}
+                       if m < DEQUANT_MIN_M else {"mma", "dequant"})
 
 
 def _tune(*args: str) -> subprocess.CompletedProcess:

@@ -78,9 +78,11 @@ LUT_BYTES = 16 * 4  # the 16 NF4 levels in fp32: one 64-byte L1 line
 GEMV_MAX_M = 16  # the CUDA-core kernel: M FMAs per weight; tensor cores beyond
 # From this M the heuristic dequantizes to a bf16 scratch and calls cuBLAS (kernel=dequant):
 # the weight's decode is paid once per call instead of once per x tile, and cuBLAS' bf16 GEMM
-# is near the tensor cores' peak where the MMA above is L1-bound at 5-7x bf16's time
-# (docs/triton-nf4.md). vLLM's AWQ path switches the same way at 256 tokens.
-DEQUANT_MIN_M = 64
+# is near the tensor cores' peak where the MMA above is L1-bound. On the H200 (profiles/h200/
+# session11) it took 1.05-1.30x bf16's time at M >= 1024 against the MMA's 5-8x, and at M = 32
+# half the MMA's time on gate_up and down; at 16 it won on down, lost on gate_up (a tuned table
+# picks per layer there). vLLM's AWQ path switches the same way at 256 tokens.
+DEQUANT_MIN_M = GEMV_MAX_M + 1
 DEQUANT_WORDS = 1024  # packed words per program of the dequantize kernel (8192 weights)
 KERNELS = ("gemv", "mma", "dequant")
 DEFAULT_SMS = 132  # H100/H200 SXM; used where no CUDA device answers (interpreter runs)
