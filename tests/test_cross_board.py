@@ -1,8 +1,12 @@
 """The gate across boards, on the recorded H200 ci-smoke runs.
 
-No committed run comes from a second board: smoke-a, smoke-b, smoke-slow (profiles/h200/gate/)
-and bench/baselines/h200.jsonl (= smoke-a) were made in one session on one GPU, before dqprof
-kept board UUIDs. The issue reports what a second H200 did against that baseline: times within
+Two kinds of data. Real boards (the tests at the end): session 8's full sweep
+(profiles/h200/kernels.jsonl, board GPU-ff918692) and session 11's ci-smoke runs
+(profiles/h200/session11/gate/, board GPU-2ad5e3cc; its smoke-a is now
+bench/baselines/h200.jsonl), both with board UUIDs. And the first baseline: smoke-a, smoke-b,
+smoke-slow (profiles/h200/gate/; its smoke-a was bench/baselines/h200.jsonl until session 11)
+were made in one session on one GPU, before dqprof kept board UUIDs. The issue reports what a
+second H200 did against that baseline: times within
 2 %, energy per call 7-16 % lower on 20 of 75 points. A static power offset reproduces that on
 the recorded data: smoke-b with every point drawing 25 W less (same times) is 7-16 % lower on
 ~20 points. So "board B" below is that: SYNTHETIC, smoke-b's records with 25 W taken off each
@@ -28,7 +32,8 @@ from dqprof.results import load_records, point_key, write_run
 
 ROOT = Path(__file__).resolve().parents[1]
 GATE = ROOT / "profiles" / "h200" / "gate"
-BASELINE = ROOT / "bench" / "baselines" / "h200.jsonl"
+BASELINE = GATE / "smoke-a" / "kernels.jsonl"  # the first committed baseline (board unknown)
+SESSION11 = ROOT / "profiles" / "h200" / "session11" / "gate"
 BOARD_A, BOARD_B, BOARD_C = ("GPU-aaaaaaaa-0000-0000-0000-00000000000a",
                              "GPU-bbbbbbbb-0000-0000-0000-00000000000b",
                              "GPU-cccccccc-0000-0000-0000-00000000000c")
@@ -317,3 +322,41 @@ def test_board_factor_alone_still_catches_a_hungrier_bf16(tmp_path, board_b):
     report = run_regress(BASELINE, cur)
     p = next(p for p in report.points if p.key == hit)
     assert p.change("energy").basis == "board factor" and p.status == REGRESSION
+
+
+# ---------------------------------------------------------------------------------------------
+# Real boards: session 8's sweep (GPU-ff918692) and session 11's ci-smoke (GPU-2ad5e3cc)
+# ---------------------------------------------------------------------------------------------
+
+def test_the_committed_baseline_is_session_11s_smoke_run() -> None:
+    committed = ROOT / "bench" / "baselines" / "h200.jsonl"
+    assert committed.read_bytes() == (SESSION11 / "smoke-a" / "kernels.jsonl").read_bytes()
+    assert {r["board"]["uuid"] for r in load_records(committed)} == {
+        "GPU-2ad5e3cc-96ee-48c4-51e1-939436bd0c93"}
+
+
+def test_two_real_boards_flag_only_the_code_that_changed() -> None:
+    """Session 8's sweep against session 11's ci-smoke, two boards 0.966 apart in bf16 energy:
+    the only verdicts are triton-nf4 at M = 256 and 2048, where session 11's code dequantizes
+    and cuBLAS multiplies (session 8 ran the tensor-core kernel there): 3-6x slower then."""
+    report = run_regress(SESSION11 / "smoke-a", ROOT / "profiles" / "h200")
+    note = next(w for w in report.warnings if w.startswith("boards differ"))
+    assert "GPU-2ad5e3cc" in note and "GPU-ff918692" in note
+    factor = float(note.rsplit(": ", 1)[1])  # "... board factor (..., median of 11): 0.966"
+    assert 0.9 < factor < 1.0
+    regressed = sorted(p.key for p in report.of(REGRESSION))
+    assert regressed == sorted(f"gemma-4-e4b|{layer}|m={m}|triton-nf4|" for layer in (
+        "mlp.gate_up_proj", "mlp.down_proj", "sliding.qkv_proj") for m in (256, 2048))
+    assert not report.of(IMPROVEMENT)
+    gated = [p for p in report.points if p.change("energy") and p.change("energy").gates]
+    assert len(gated) >= 60 and all(p.change("energy").basis != "absolute" for p in gated)
+
+
+def test_session_11_reruns_pass_and_its_slowed_kernel_fails_on_its_decode_points() -> None:
+    rerun = run_regress(SESSION11 / "smoke-a", SESSION11 / "smoke-b")  # `--gpus 0`, same board
+    assert rerun.exit_code == 0 and energy_verdicts(rerun) == []
+    slow = run_regress(SESSION11 / "smoke-a", SESSION11 / "smoke-slow")
+    assert slow.exit_code == 1
+    assert sorted(p.key for p in slow.of(REGRESSION)) == sorted(
+        f"gemma-4-e4b|{layer}|m={m}|triton-nf4|" for layer in (
+            "mlp.gate_up_proj", "mlp.down_proj", "sliding.qkv_proj") for m in (1, 16))
