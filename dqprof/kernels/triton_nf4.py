@@ -38,10 +38,11 @@ Three kernels, picked per call by M (``tile_config``; a tuned table per GPU in
   shared-memory operand, fed by Triton's pipeliner. BLOCK_N (the MMA's M) is 64 per warpgroup,
   BLOCK_M (x rows, the MMA's N) 16 to 256.
 
-* ``dequant`` (M >= DEQUANT_MIN_M, prefill): ``_nf4_dequant_kernel`` writes the bf16 weight
-  to a scratch (one decode per weight per call, memory-bound) and cuBLAS multiplies; the
+* ``dequant`` (M >= DEQUANT_MIN_M: batched decode, prefill): ``_nf4_dequant_kernel`` writes
+  the bf16 weight to a scratch (one decode per weight per call, memory-bound) and cuBLAS
+  multiplies; the
   dequantize kernel is attributed as ``dequant``, the byte model counts the scratch's write
-  and read. The NF4 format's prefill cost is then that kernel alone, which a fused kernel
+  and read. The NF4 format's cost there is then that kernel alone, which a fused kernel
   whose decode is not L1-bound would hide (not done: docs/triton-nf4.md).
 
 Split-K writes fp32 partials that a small second kernel adds (deterministic; no atomics).
@@ -594,8 +595,8 @@ def _nf4_mma_kernel(
 def _nf4_dequant_kernel(w_ptr, a_ptr, a2_ptr, code2_ptr, lut_ptr, out_ptr, WORDS, offset,
                         NESTED: tl.constexpr, BLOCK: tl.constexpr):
     """out [n, k] bf16 = dequant(W): BLOCK packed words a program (8 weights each, 8 words a
-    block of 64), one 16-byte store of 8 bf16 per word. Memory-bound: 2.5 bytes and a gather
-    from the L1-resident table per weight, no MMA."""
+    block of 64), 8 bf16 stored per word. Memory-bound: 2.5 bytes and a gather from the
+    L1-resident table per weight, no MMA (3.7-3.9 TB/s on the H200: docs/triton-nf4.md)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < WORDS
     words = tl.load(w_ptr + offs, mask=mask, other=0)
