@@ -707,6 +707,10 @@ def test_gpu_cuda_graph_capture(gemma_states: Callable[[str], Nf4State], decode:
     pytest.importorskip("triton")
     b = TritonNf4(decode=decode)
     state = gemma_states("mlp.down_proj")  # split-K at m=1 and 16: two kernels in the graph
+    _assert_graph_follows_new_inputs(b, state, m)
+
+
+def _assert_graph_follows_new_inputs(b: TritonNf4, state: Nf4State, m: int) -> None:
     x = torch.randn(m, state.k, device="cuda", dtype=torch.bfloat16)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -741,17 +745,8 @@ def test_gpu_dequant_path(gemma_states: Callable[[str, str], Nf4State], stats: s
     else:
         assert torch.equal(w, ref.to(torch.bfloat16))
     b = TritonNf4(stats=stats)
-    x = torch.randn(DEQUANT_MIN_M + 3, state.k, device="cuda", dtype=torch.bfloat16)
-    assert b.config(x.shape[0], state.n, state.k, x.device).kernel == "dequant"
-    b(state, x)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = b(state, x)
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert rel_error(y, b.expected(state, x)) < REL_TOL
+    assert b.config(DEQUANT_MIN_M + 3, state.n, state.k, state.packed.device).kernel == "dequant"
+    _assert_graph_follows_new_inputs(b, state, DEQUANT_MIN_M + 3)
 
 
 @pytest.mark.gpu
