@@ -18,8 +18,8 @@
 #   gate   scripts/gpu_gate_boards.sh: ci-smoke, the committed baseline against this board, a
 #          slowed triton-nf4, ci-smoke again through --gpus 0 (issue 13), as far as time goes
 #   DQPROF_GIT_COMMIT=<hash> [STEP_S=570] [PLAN="fp8:1,8,32,128 bf16:1,32"] bash scripts/gpu_session11.sh a|b|c|model|gate
-# The machine was refused four times before this batch ran (each refusal costs 15-105 s of
-# device time), so the batch is cut to what 1400 s hold.
+# The machine was refused seven times before this batch ran (481 s of device time), so the
+# batch is cut to what the rest held.
 # The bundle is 4 parts of 45 MB (the tree is ~18 MB; a call carries 64 MiB):
 #   cat .gpu-deps/part_* > /tmp/b && rm .gpu-deps/part_* && split -b 45M -d -a 2 /tmp/b .gpu-deps/part_
 # Then: profiles/h200/session11/ gets the files with these commands.
