@@ -404,7 +404,7 @@ def test_options_parse_and_validate() -> None:
     assert create("triton-nf4[decode=shfl]").opts["decode"] == "shfl"
     for bad in ("block_n=24", "block_n=8", "block_k=32", "block_m=3", "split_k=-1",
                 "num_stages=-1", "stats=fp8", "kernel=cuda", "num_warps=3", "tile=4",
-                "decode=lds"):
+                "decode=lds", "kernel=dequant,block_n=64", "kernel=dequant,decode=shfl"):
         with pytest.raises(DqprofError):
             create(f"triton-nf4[{bad}]")
 

@@ -46,9 +46,10 @@ Three kernels, picked per call by M (``tile_config``; a tuned table per GPU in
   whose decode is not L1-bound would hide (not done: docs/triton-nf4.md).
 
 Split-K writes fp32 partials that a small second kernel adds (deterministic; no atomics).
-CUDA graphs: no host syncs; ``__call__`` allocates only the output (and the partials).
-Kernel names contain ``nf4_`` (attributed as gemm). CPU tensors run in Triton's interpreter,
-only with ``TRITON_INTERPRET=1`` set before triton is first imported (the tests do that).
+CUDA graphs: no host syncs; ``__call__`` allocates only the output (and the partials, or the
+dequantize path's bf16 scratch). Kernel names contain ``nf4_`` (attributed as gemm;
+``_nf4_dequant_kernel`` as dequant). CPU tensors run in Triton's interpreter, only with
+``TRITON_INTERPRET=1`` set before triton is first imported (the tests do that).
 """
 
 from __future__ import annotations
@@ -990,6 +991,11 @@ class TritonNf4(Backend):
         if o["kernel"] not in ("", *KERNELS):
             raise ValueError(f"triton-nf4 option kernel={o['kernel']!r}: one of "
                              f"{', '.join(KERNELS)}")
+        tiles = [key for key in ("block_m", "block_n", "block_k", "split_k", "num_warps",
+                                 "num_stages", "decode") if o[key]]
+        if o["kernel"] == "dequant" and tiles:  # it has no tiles: never ignore one silently
+            raise ValueError(f"triton-nf4 kernel=dequant takes no tile or decode option "
+                             f"({', '.join(tiles)}): those are the GEMV's and the MMA's")
         self._table = None
 
     def supports(self, shape: LinearShape) -> str | None:
