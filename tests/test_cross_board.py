@@ -328,11 +328,12 @@ def test_board_factor_alone_still_catches_a_hungrier_bf16(tmp_path, board_b):
 # Real boards: session 8's sweep (GPU-ff918692) and session 11's ci-smoke (GPU-2ad5e3cc)
 # ---------------------------------------------------------------------------------------------
 
-def test_the_committed_baseline_is_session_11s_smoke_run() -> None:
-    committed = ROOT / "bench" / "baselines" / "h200.jsonl"
-    assert committed.read_bytes() == (SESSION11 / "smoke-a" / "kernels.jsonl").read_bytes()
-    assert {r["board"]["uuid"] for r in load_records(committed)} == {
-        "GPU-2ad5e3cc-96ee-48c4-51e1-939436bd0c93"}
+def test_the_committed_baseline_names_its_board() -> None:
+    """A baseline from before board UUIDs gates every run as "board unknown"; today's knows
+    its board (session 11's smoke-a, until someone refreshes it with --update-baseline)."""
+    uuids = {(r.get("board") or {}).get("uuid")
+             for r in load_records(ROOT / "bench" / "baselines" / "h200.jsonl")}
+    assert len(uuids) == 1 and next(iter(uuids)).startswith("GPU-")
 
 
 def test_two_real_boards_flag_only_the_code_that_changed() -> None:
